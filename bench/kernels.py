@@ -1,0 +1,164 @@
+"""Benchmark: chunked WY/UT delta rule vs the token-by-token recurrence (refine_mini/delta_rule.py).
+
+Prints, all measured in this one run: recurrent/chunked time ratios (forward, forward+backward) at B=2, H=4,
+Dk=Dv=64, T in {512, 2048}; memory of the chunked op at T=2048 and 8192; the chunked forward's FLOP rate as a fraction
+of a 2048x2048 fp32 matmul's. On CUDA it also times torch.compile(fullgraph=True) of the chunked kernel.
+
+FLOPs of the chunked forward are the nominal count of fast-weights.md §1.3 (per head, per token:
+6 d² + 10 C d + C²/3, FLOPs = 2 x MACs); the implementation's own matmul count is within ~10% of it at C=64, d=64.
+Timings: median of repeats after warm-up, recurrent and chunked interleaved so background load hits both alike.
+
+Usage: python bench/kernels.py [--quick] [--chunk 64] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def inputs(B, H, T, D, grad=False, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1)
+    v = torch.randn(B, H, T, D, generator=g)
+    beta = torch.rand(B, H, T, generator=g)
+    S0 = torch.randn(B, H, D, D, generator=g)
+    return [x.to(DEV).requires_grad_(grad) for x in (q, k, v, beta, S0)]
+
+
+def timed(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time (s) per callable, the callables interleaved round-robin."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def fwd(kernel, xs, **kw):
+    def run():
+        with torch.no_grad():
+            kernel(*xs[:4], initial_state=xs[4], **kw)
+    return run
+
+
+def fwd_bwd(kernel, xs, **kw):
+    def run():
+        o, S = kernel(*xs[:4], initial_state=xs[4], **kw)
+        (o.sum() + S.sum()).backward()
+        for x in xs:
+            x.grad = None
+    return run
+
+
+def saved_bytes(xs, C):
+    """Bytes of the tensors autograd saves for backward during one chunked forward (unique storages; inputs
+    excluded). This is the activation memory the backward needs, what dominates a pure-PyTorch kernel's peak."""
+    seen, input_ptrs = {}, {x.untyped_storage().data_ptr() for x in xs}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in input_ptrs:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, S = delta_rule_chunked(*xs[:4], chunk_size=C, initial_state=xs[4])
+    return sum(seen.values()), o.numel() * o.element_size()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: small T, 1 repeat")
+    ap.add_argument("--chunk", type=int, default=64, help="chunk size C of the chunked kernel")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.chunk < 1:
+        print("error: --chunk must be >= 1", file=sys.stderr)
+        return 2
+    B, H, D, C = 2, 4, 64, args.chunk
+    lengths = [128, 256] if args.quick else [512, 2048]
+    mem_lengths = [256, 512] if args.quick else [2048, 8192]
+    reps = 1 if args.quick else args.repeats
+    print(f"device={DEV} torch={torch.__version__} threads={torch.get_num_threads()} B={B} H={H} Dk=Dv={D} C={C} "
+          f"fp32; median of {reps} (interleaved, after warm-up)")
+
+    # reference matmul rate, measured in this run
+    a = torch.randn(2048, 2048, device=DEV)
+    t_mm = timed({"mm": lambda: a @ a}, max(reps, 3) * 2, warmup=2)["mm"]
+    mm_rate = 2 * 2048 ** 3 / t_mm
+    print(f"2048x2048 fp32 matmul: {t_mm * 1e3:.2f} ms = {mm_rate / 1e9:.1f} GFLOP/s")
+
+    compiled = torch.compile(delta_rule_chunked, fullgraph=True) if DEV == "cuda" else None
+    print(f"\n{'T':>6} {'rec fwd ms':>11} {'chunk fwd ms':>13} {'fwd x':>7} {'rec f+b ms':>11} {'chunk f+b ms':>13} "
+          f"{'f+b x':>7} {'GFLOP/s':>8} {'% mm':>6}")
+    results = {}
+    for T in lengths:
+        xs, xg = inputs(B, H, T, D), inputs(B, H, T, D, grad=True)
+        fns = {"rf": fwd(delta_rule_recurrent, xs), "cf": fwd(delta_rule_chunked, xs, chunk_size=C),
+               "rb": fwd_bwd(delta_rule_recurrent, xg), "cb": fwd_bwd(delta_rule_chunked, xg, chunk_size=C)}
+        if compiled is not None:
+            fns["kf"] = fwd(compiled, xs, chunk_size=C)
+            fns["kb"] = fwd_bwd(compiled, xg, chunk_size=C)
+        t = timed(fns, reps)
+        flops = B * H * T * (6 * D * D + 10 * C * D + C * C / 3)      # nominal §1.3 count, forward
+        rate = flops / t["cf"]
+        results[T] = (t["rf"] / t["cf"], t["rb"] / t["cb"], rate / mm_rate)
+        print(f"{T:>6} {t['rf'] * 1e3:>11.1f} {t['cf'] * 1e3:>13.2f} {results[T][0]:>7.1f} {t['rb'] * 1e3:>11.1f} "
+              f"{t['cb'] * 1e3:>13.2f} {results[T][1]:>7.1f} {rate / 1e9:>8.1f} {100 * results[T][2]:>5.0f}%")
+        if compiled is not None:
+            print(f"{'':>6} compiled chunked: fwd {t['kf'] * 1e3:.2f} ms ({t['rf'] / t['kf']:.1f}x), "
+                  f"f+b {t['kb'] * 1e3:.2f} ms ({t['rb'] / t['kb']:.1f}x)")
+
+    print("\nmemory of the chunked op (fp32):")
+    for T in mem_lengths:
+        xg = inputs(B, H, T, D, grad=True)
+        saved, out_bytes = saved_bytes(xg, C)
+        line = (f"  T={T:>5}: tensors saved by autograd for backward {saved / 2**20:7.1f} MiB "
+                f"(= {saved / out_bytes:.1f}x the output o; per-chunk states alone "
+                f"{B * H * (-(-T // C)) * D * D * 4 / 2**20:.1f} MiB)")
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with torch.no_grad():
+                delta_rule_chunked(*xg[:4], chunk_size=C, initial_state=xg[4])
+            sync()
+            line += f"; CUDA peak during no-grad forward {(torch.cuda.max_memory_allocated() - base) / 2**20:.1f} MiB"
+        print(line)
+
+    if not args.quick:
+        T = max(lengths)
+        fwd_x, fb_x, frac = results[T]
+        print(f"\ntargets at T={T}:")
+        print(f"  chunked fwd+bwd >= 25x faster than recurrent (aim 40x): {fb_x:5.1f}x  "
+              f"{'PASS' if fb_x >= 25 else 'MISS'}")
+        print(f"  chunked fwd >= 40% of matmul FLOP rate:                  {100 * frac:5.0f}%  "
+              f"{'PASS' if frac >= 0.40 else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Benchmark: what does a REFINE step cost next to an NTP step, and what do forked prefix states save?
+
+Measured in one run, for DeltaNet and LaCT (CPU, and CUDA when available), on the same random batch:
+  1) REFINE optimizer step (refine_step, fast path, schedule "single") / NTP optimizer step   target <= 1.5
+  2) rollout phase, re-encoded prefixes (official: every prefix encoded from scratch by `generate`, then a second
+     from-scratch forward over [prefix; rollout] for old log-probs and h_pred)
+     / rollout phase with forked states (one streaming pass per document split at the positions, batched decode)
+                                                                                                target >= 8
+Times are medians over --reps repetitions after one warm-up. Defaults: T=2048, B=2, c=8, k=5, default ModelConfig.
+
+    python bench/refine_step.py            # full
+    python bench/refine_step.py --quick    # smoke run: T=256, 1 repetition
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
+from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
+from refine_mini.rollout import rollouts_forked, rollouts_reference  # noqa: E402
+from refine_mini.selection import pad_documents, select_positions, teacher_forced_pass  # noqa: E402
+from refine_mini.trainer import TrainConfig, clip_and_step, make_optimizer, ntp_loss  # noqa: E402
+
+STEP_TARGET, ROLLOUT_TARGET = 1.5, 8.0
+
+
+def timed(fn, device, reps: int) -> float:
+    """Median wall time of fn() over reps calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_one(mixer: str, device: torch.device, args) -> list[str]:
+    torch.manual_seed(0)
+    model = FastWeightLM(ModelConfig(mixer=mixer)).to(device)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-5))  # tiny LR: the weights barely move between reps
+    vocab = model.cfg.vocab_size
+    tokens = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
+    cfg = RefineConfig(c=args.c, k=args.k)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def ntp_step():
+        loss = ntp_loss(model(tokens)[0], tokens)
+        loss.backward()
+        clip_and_step(model, optimizer, 1.0)
+
+    t_ntp = timed(ntp_step, device, args.reps)
+    t_refine = timed(lambda: refine_step(model, optimizer, tokens, cfg, gen), device, args.reps)
+
+    docs = list(tokens.unbind(0))
+    padded, lengths = pad_documents(docs)
+    entropy, _ = teacher_forced_pass(model, padded)
+    positions = select_positions(entropy, lengths.to(device), cfg.c, cfg.k, generator=gen).positions
+    t_forked = timed(lambda: rollouts_forked(model, docs, positions, cfg.k, 1, gen), device, args.reps)
+    t_reencode = timed(lambda: rollouts_reference(model, docs, positions, cfg.k, 1, gen), device,
+                       max(1, args.reps // 2))
+
+    step_ratio, rollout_ratio = t_refine / t_ntp, t_reencode / t_forked
+    tag = f"{mixer:8s} {device.type:4s} T={args.seq_len} B={args.batch} c={cfg.c} k={cfg.k}"
+    return [
+        f"{tag}  REFINE step {t_refine * 1e3:9.1f} ms / NTP step {t_ntp * 1e3:9.1f} ms = {step_ratio:5.2f}x"
+        f"  (target <= {STEP_TARGET})  {'PASS' if step_ratio <= STEP_TARGET else 'MISS'}",
+        f"{tag}  rollouts re-encoded {t_reencode * 1e3:9.1f} ms / forked {t_forked * 1e3:9.1f} ms = "
+        f"{rollout_ratio:5.2f}x  (target >= {ROLLOUT_TARGET})  {'PASS' if rollout_ratio >= ROLLOUT_TARGET else 'MISS'}",
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: T=256, 1 repetition")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per document T")
+    parser.add_argument("--batch", type=int, default=2, help="documents per batch B")
+    parser.add_argument("--c", type=int, default=8, help="chunks (selected positions) per document")
+    parser.add_argument("--k", type=int, default=5, help="rollout length")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--mixers", default="deltanet,lact", help="comma-separated mixers to bench")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seq_len, args.reps = 256, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, devices {[d.type for d in devices]}")
+    if args.quick:
+        print("quick smoke run: the targets are set for T=2048; at small T per-call overheads dominate")
+    for device in devices:
+        for mixer in args.mixers.split(","):
+            for line in bench_one(mixer, device, args):
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Plumbing shared by every script: seeding, devices, checkpoints, run folders, metric logs.
+
+Question answered: how does a run start, save itself and resume without ever losing what it already wrote?
+
+- One seed drives everything (`set_seed`); samplers still take explicit `torch.Generator`s.
+- Checkpoints are written atomically (temp file in the same folder, fsync, `os.replace`) so a crash mid-save keeps
+  the previous checkpoint, and are read with `torch.load(weights_only=True)`, which refuses to execute code.
+- Every load error is a `CheckpointError` with a one-line message; scripts print it and exit with status 2.
+"""
+
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupted, of the wrong model, or of an unknown format."""
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """An explicit generator for sampling on `device` (CUDA sampling needs a CUDA generator)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def rng_state() -> dict:
+    """Every global RNG state, as tensors and plain values only (so weights_only loading accepts it)."""
+    state = {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": _to_plain(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (tuple, list)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write `payload` to `path` atomically: a reader sees either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_location="cpu") -> dict:
+    """Load a checkpoint file (or a run folder holding `ckpt.pt`) safely; raise CheckpointError on any problem."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled code ... all end here
+        raise CheckpointError(f"checkpoint {path} is corrupted or not a refine_mini checkpoint "
+                              f"({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a refine_mini checkpoint (format {CHECKPOINT_FORMAT})")
+    mixer = ckpt.get("model_config", {}).get("mixer")
+    if expect_mixer is not None and mixer != expect_mixer:
+        raise CheckpointError(f"checkpoint {path} holds a {mixer} model, but --model {expect_mixer} was asked for")
+    return ckpt
+
+
+def run_dir(out: str | Path) -> Path:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class MetricLog:
+    """One JSON object per line, flushed at once, so a killed run keeps every line it logged."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self.file = open(path, "a" if append else "w", buffering=1)
+
+    def write(self, **metrics) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def fail(message: str, code: int = 2):
+    """The scripts' single exit path for bad input: one line on stderr, non-zero status."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,292 @@
+"""Corpora -> (B, T) token batches: a built-in synthetic long-document corpus, or the user's own text files.
+
+Question answered: what does the model read in pre-/mid-training (method.md §9 "Data": a long-document corpus filtered
+to ≥ T tokens), and how do we keep train, validation and evaluation apart?
+
+Synthetic corpus. A tiny model must learn retrieval in minutes, so every document is dense with facts that are asked
+for later, in exactly the surface forms of the evaluation (niah.py, qa.py; forms in textgen.py). Half the documents
+are one long stream of filler prose ("noise" or "essay" style) interleaved with needles, entity passages, MV needles
+(one key, several values) and questions (single, multi-query, multi-value). Each question asks for a fact stated
+earlier; questions grow more frequent along the document and prefer old facts (index ~ U³), so at T = 1024 the
+median needle-to-question distance is ~340 tokens (max ~950). Keys and names are unique within a document.
+The other half (documents of ≥ 256 tokens) are a train-split NIAH/QA task prompt
+(niah.make_example) followed by its answer and by a stream continuation. Rendered 200-token stream (seed 1):
+
+     The grass is green. The special magic number for simple-apple is: 6942222. The sky is blue. The sun is yellow.
+    Here we go. Born in Longford, James Fisher later became a farmer. Today James Fisher works at Quartz Steel.
+    Question: What is the special magic number for simple-apple?
+    Answer: 6942222
+     There and back again. The grass is green. The sky is blue. The sun is yellow. The special magic number for
+    simple-mirror is: 3932883. The special magic number for huge-garden is: 4646298. Here we go. There and back
+    again. The grass is green.
+    Question: Where was James Fisher born?
+    Answer: Longford
+    Question: What is the special magic number for simple-mirror?
+    Answer: 3932883
+Splits are structural (textgen.py): train documents draw keys, values and entities from the train partition, val
+documents from the val partition, and niah.py/qa.py evaluate on the eval partition, so no key, value or entity is
+ever shared, whatever the seeds. Training documents are generated on the fly (a fresh seed per row, drawn from the
+caller's torch.Generator), so training never repeats a document; validation is a fixed set of val-split documents.
+
+User text (`load_text_documents`): a .txt file is split into documents on "<|endoftext|>" and on runs of three or
+more newlines (two blank lines); a folder means every *.txt below it (sorted, recursive); a .jsonl file has one JSON
+object per line with a "text" field. Documents are tokenised once, without BOS; `pack` joins them with EOT between
+and cuts T-token rows, `filter` keeps documents of ≥ T tokens truncated to T. The train/val split is by document:
+document i is in val iff a hash of (seed, i) falls below val_fraction (never an overlap; at least one of each).
+Rows hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1].
+Deviation: the paper mid-trains on long-document corpora (e.g. LongBench-like books); ours is synthetic by default.
+"""
+
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from refine_mini import niah
+from refine_mini.textgen import (JOBS, NIAH_HEADER, encode_cached, filler_sentence, format_answer, make_city,
+                                 make_company, make_key, make_person, make_value, needle_sentence, niah_question,
+                                 person_passage, qa_question, split_code, unique)
+from refine_mini.tokenizer import decode, encode, eot_id
+
+
+class _Writer:
+    """Accumulates text pieces and their token count; a question right after an answer drops its leading newline."""
+
+    def __init__(self):
+        self.pieces, self.n = [], 0
+
+    def add(self, text: str):
+        if self.pieces and self.pieces[-1].endswith("\n") and text.startswith("\n"):
+            text = text[1:]
+        self.pieces.append(text)
+        self.n += len(encode_cached(text))
+
+
+def _stream_document(rng: random.Random, n_tokens: int, split: str, header: bool = True, used=()) -> str:
+    """Filler interleaved with needles, entity passages and questions; keys and names are unique in a document."""
+    w, style, used = _Writer(), rng.choice(["noise", "essay"]), set(used)
+    if header and rng.random() < 0.5:
+        w.add(NIAH_HEADER)
+    facts = []  # unasked facts, oldest first: (question text, answers, key or None)
+    mv_key, mv_values, i = None, [], 0
+    while w.n < n_tokens:
+        r = rng.random()
+        if facts and rng.random() < 0.4 * w.n / n_tokens:  # a question, more often late in the document
+            singles = [f for f in facts if f[2] is not None]
+            if r < 0.15 and len(singles) >= 2:  # multi-query
+                asked = rng.sample(singles, min(len(singles), rng.randint(2, 4)))
+                for f in asked:
+                    facts.remove(f)
+                w.add(niah_question([f[2] for f in asked]))
+                w.add(format_answer([f[1][0] for f in asked]))
+            else:  # about an earlier fact, biased towards old ones
+                q, answers, _ = facts.pop(int(len(facts) * rng.random() ** 3))
+                if answers is mv_values:  # an asked multi-value key gets no further values
+                    mv_key = None
+                w.add(q)
+                w.add(format_answer(answers))
+        elif r < 0.3:  # needle
+            k, v = unique(rng, make_key, split, 1, used)[0], make_value(rng, split)
+            used.add(k)
+            w.add(needle_sentence(k, v))
+            facts.append((niah_question([k]), [v], k))
+        elif r < 0.37:  # multi-value needle: one key, values spread over the document
+            if mv_key is None or len(mv_values) >= 4:
+                mv_key, mv_values = unique(rng, make_key, split, 1, used)[0], []
+                used.add(mv_key)
+                facts.append((niah_question([mv_key], multi_value=True), mv_values, None))
+            mv_values.append(make_value(rng, split))
+            w.add(needle_sentence(mv_key, mv_values[-1]))
+        elif r < 0.44:  # entity passage: two askable facts
+            name = unique(rng, make_person, split, 1, used)[0]
+            city, company = make_city(rng, split), make_company(rng, split)
+            used.add(name)
+            w.add(" " + person_passage(rng, name, city, rng.choice(JOBS), company))
+            facts.append((qa_question(f"Where was {name} born?"), [city], None))
+            facts.append((qa_question(f"Which company does {name} work for?"), [company], None))
+        else:  # filler prose
+            for _ in range(rng.randint(1, 3)):
+                w.add(filler_sentence(rng, style, i))
+                i += 1
+    return "".join(w.pieces)
+
+
+def _task_document(rng: random.Random, n_tokens: int, split: str) -> str:
+    task = rng.choice(["s_niah", "s_niah", "mk_niah", "mv_niah", "mq_niah", "qa", "qa_2hop"])
+    ex = niah.make_example(task, n_tokens - 48, rng.random(), rng, split, rng.choice(["noise", "essay"]))
+    text = decode(ex.prompt_ids) + ex.target
+    for key, value in re.findall(r"special magic number for ([a-z]+-[a-z]+) is: (\d+)", text):
+        if task == "mk_niah" and value not in ex.answers:  # also ask the other keys
+            text += niah_question([key])[1:] + format_answer([value])
+    missing = n_tokens - len(encode(text))
+    if missing <= 0:
+        return text
+    used = set(re.findall(r"[a-z]+-[a-z]+|[A-Z][a-z]+ [A-Z][a-z]+", text))  # keys and names already in use
+    return text + _stream_document(rng, missing, split, header=False, used=used)
+
+
+def synthetic_document(rng: random.Random, n_tokens: int, split: str = "train") -> str:
+    """One synthetic document of about n_tokens tokens (at least n_tokens, barring rare BPE merges at piece joins)."""
+    split_code(split)
+    if n_tokens >= 256 and rng.random() < 0.5:
+        return _task_document(rng, n_tokens, split)
+    return _stream_document(rng, n_tokens, split)
+
+
+def synthetic_ids(seed: str, n_tokens: int, split: str) -> list[int]:
+    """Exactly n_tokens ids from synthetic documents seeded by `seed` (EOT between documents if one is short)."""
+    rng, ids = random.Random(seed), []
+    while len(ids) < n_tokens:
+        ids += ([eot_id()] if ids else []) + encode(synthetic_document(rng, n_tokens - len(ids) + 8, split))
+    return ids[:n_tokens]
+
+
+# ---- user text --------------------------------------------------------------------------------------------------
+
+_SEPARATOR = re.compile(r"<\|endoftext\|>|\n{3,}")
+
+
+def _read_txt(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
+    return [d.strip() for d in _SEPARATOR.split(text)]
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: bad JSON line ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string \"text\" field")
+        docs.append(obj["text"].strip())
+    return docs
+
+
+def load_text_documents(path) -> list[str]:
+    """Documents from a .txt file, a folder of .txt files (sorted, recursive) or a .jsonl file; empty ones dropped."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(f"{path}: folder has no .txt files")
+        docs = [d for f in files for d in _read_txt(f)]
+    elif not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    elif path.suffix == ".txt":
+        docs = _read_txt(path)
+    elif path.suffix == ".jsonl":
+        docs = _read_jsonl(path)
+    else:
+        raise ValueError(f"{path}: expected a .txt file, a .jsonl file or a folder of .txt files")
+    docs = [d for d in docs if d]
+    if not docs:
+        raise ValueError(f"{path}: empty corpus (no non-empty documents)")
+    return docs
+
+
+def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2 ** 64 < val_fraction
+
+
+def split_documents(docs: list[str], seed: int, val_fraction: float) -> tuple[list[int], list[int]]:
+    """(train indices, val indices): a deterministic split by document; both non-empty (needs ≥ 2 documents)."""
+    if len(docs) < 2:
+        raise ValueError(f"need at least 2 documents for a train/validation split, got {len(docs)}")
+    val = [i for i in range(len(docs)) if is_val_document(i, seed, val_fraction)]
+    if not val:
+        val = [len(docs) - 1]
+    if len(val) == len(docs):
+        val = val[1:]
+    train = [i for i in range(len(docs)) if i not in set(val)]
+    return train, val
+
+
+def pack(token_docs: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Join documents with EOT between them and cut into rows: (N, T) long (the remainder is dropped)."""
+    flat = []
+    for d in token_docs:
+        flat += d + [eot_id()]
+    n = len(flat) // seq_len
+    return torch.tensor(flat[:n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
+
+
+def filter_docs(token_docs: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Documents of at least T tokens, truncated to T: (N, T) long."""
+    rows = [d[:seq_len] for d in token_docs if len(d) >= seq_len]
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), seq_len)  # (N, T)
+
+
+class Corpus:
+    """A source of (B, T) LongTensor batches; `batch` draws with the caller's torch.Generator."""
+
+    seq_len: int
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def val_batches(self, batch_size: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class SyntheticCorpus(Corpus):
+    def __init__(self, seq_len: int, seed: int = 0, n_val_docs: int = 32):
+        self.seq_len, self.seed, self.n_val_docs = seq_len, seed, n_val_docs
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        seeds = torch.randint(0, 2 ** 62, (batch_size,), generator=generator).tolist()
+        rows = [synthetic_ids(f"train|{self.seed}|{s}", self.seq_len, "train") for s in seeds]
+        return torch.tensor(rows, dtype=torch.long)  # (B, T)
+
+    def val_batches(self, batch_size: int) -> list[torch.Tensor]:
+        rows = torch.tensor([synthetic_ids(f"val|{self.seed}|{j}", self.seq_len, "val")
+                             for j in range(self.n_val_docs)], dtype=torch.long)  # (N, T)
+        return list(rows.split(batch_size))
+
+
+class TokenCorpus(Corpus):
+    """User documents, tokenised once; rows from `pack` or `filter_docs`, split by document."""
+
+    def __init__(self, docs: list[str], seq_len: int, seed: int = 0, mode: str = "pack", val_fraction: float = 0.1,
+                 name: str = "corpus"):
+        if mode not in ("pack", "filter"):
+            raise ValueError(f"unknown mode {mode!r}; expected 'pack' or 'filter'")
+        self.seq_len = seq_len
+        self.train_idx, self.val_idx = split_documents(docs, seed, val_fraction)
+        rows_of = pack if mode == "pack" else filter_docs
+        self.train_rows = rows_of([encode(docs[i]) for i in self.train_idx], seq_len)  # (N, T)
+        self.val_rows = rows_of([encode(docs[i]) for i in self.val_idx], seq_len)  # (M, T)
+        if len(self.train_rows) == 0:
+            raise ValueError(f"{name}: no training sequence of {seq_len} tokens (mode {mode!r}); corpus too small")
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(self.train_rows), (batch_size,), generator=generator)  # (B,)
+        return self.train_rows[idx]  # (B, T)
+
+    def val_batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(self.val_rows.split(batch_size))
+
+
+def make_corpus(data_path: str | None, seq_len: int, seed: int = 0, mode: str = "pack",
+                val_fraction: float = 0.1) -> Corpus:
+    """The synthetic corpus when data_path is None (mode and val_fraction unused: val is its own split), else the
+    user's documents (a .txt file, a folder of .txt files or a .jsonl file; see load_text_documents)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if data_path is None:
+        return SyntheticCorpus(seq_len, seed)
+    return TokenCorpus(load_text_documents(data_path), seq_len, seed, mode, val_fraction, name=str(data_path))

@@ -1,0 +1,107 @@
+"""DeltaNet layer: the fast-weight token mixer of the REFINE DeltaNet models.
+
+Question answered: how does one layer turn x (B, T, D) into y (B, T, D) while carrying an explicit recurrent state, so
+that any split of a sequence (prefill, token-by-token decode, multi-token cached calls) gives the same output?
+
+Source: Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length"
+(arXiv 2406.06484), built the way fla's `fla/layers/delta_net.py` builds it; spec /work/shared/docs/fast-weights.md §2.1
+and §2.3. State layout is fla's h = Sᵀ (B, H, Dk, Dv), fp32. The kernels live in `delta_rule.py` and are re-exported.
+
+Dataflow: q, k, v = W_q x, W_k x, W_v x (bias-free); beta = sigmoid(W_b x); causal depthwise short conv (kernel W,
+no bias) on q, k, v, then SiLU on each; split heads; L2-normalise q, k (x / sqrt(Σx² + 1e-6)); delta rule (chunked
+when T > recurrent_below, else recurrent); per-head RMSNorm over Dv (weight shared across heads); merge; o_proj.
+
+Deviations from fla: the three depthwise convs are one depthwise conv over the concatenated [q | k | v] channels
+(identical maths, one cache tensor); the conv cache holds the last W-1 pre-conv inputs batch-first (B, W-1, channels)
+instead of fla's (N, channels, W); no gate, no allow_neg_eigval, no varlen/padding masks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent
+
+__all__ = ["delta_rule_recurrent", "delta_rule_chunked", "DeltaNetState", "DeltaNet"]
+
+
+@dataclass
+class DeltaNetState:
+    """Everything a DeltaNet layer needs to continue a sequence. All tensor fields are batch-first."""
+    S: torch.Tensor     # fast-weight memory h = Sᵀ, (B, H, Dk, Dv) float32
+    conv: torch.Tensor  # last W-1 pre-conv [q | k | v] projections, (B, W-1, 2·H·Dk + H·Dv); zeros before the start
+
+
+class DeltaNet(nn.Module):
+    """DeltaNet token mixer. forward(x (B,T,D), state=None) -> (y (B,T,D), DeltaNetState)."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim_k: int | None = None, head_dim_v: int | None = None,
+                 conv_size: int = 4, chunk_size: int = 64, recurrent_below: int = 64, norm_eps: float = 1e-6):
+        super().__init__()
+        if d_model < 1 or n_heads < 1 or conv_size < 1 or chunk_size < 1:
+            raise ValueError(f"d_model, n_heads, conv_size, chunk_size must be >= 1, got "
+                             f"{d_model}, {n_heads}, {conv_size}, {chunk_size}")
+        self.n_heads = n_heads
+        self.dk = head_dim_k or d_model // n_heads
+        self.dv = head_dim_v or d_model // n_heads
+        if self.dk < 1 or self.dv < 1:
+            raise ValueError(f"head dims must be >= 1 (d_model {d_model} < n_heads {n_heads}?)")
+        self.conv_size, self.chunk_size, self.recurrent_below, self.norm_eps = conv_size, chunk_size, \
+            recurrent_below, norm_eps
+        hk, hv = n_heads * self.dk, n_heads * self.dv
+        self.channels = 2 * hk + hv
+        self.q_proj = nn.Linear(d_model, hk, bias=False)
+        self.k_proj = nn.Linear(d_model, hk, bias=False)
+        self.v_proj = nn.Linear(d_model, hv, bias=False)
+        self.b_proj = nn.Linear(d_model, n_heads, bias=False)
+        # depthwise causal conv over [q | k | v]: weight (channels, 1, W); tap W-1 multiplies the current token
+        self.conv = nn.Conv1d(self.channels, self.channels, conv_size, groups=self.channels, bias=False)
+        self.norm_weight = nn.Parameter(torch.ones(self.dv))           # RMSNorm over Dv, shared across heads
+        self.o_proj = nn.Linear(hv, d_model, bias=False)
+        for m in (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.conv, self.o_proj):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def initial_state(self, batch: int, device=None) -> DeltaNetState:
+        """Zero memory and an all-zero conv window (the state before the first token)."""
+        return DeltaNetState(S=torch.zeros(batch, self.n_heads, self.dk, self.dv, device=device),
+                             conv=torch.zeros(batch, self.conv_size - 1, self.channels, device=device))
+
+    def forward(self, x: torch.Tensor, state: DeltaNetState | None = None) -> tuple[torch.Tensor, DeltaNetState]:
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
+        B, T, _ = x.shape
+        H, Dk, Dv = self.n_heads, self.dk, self.dv
+        if state is None:
+            state = self.initial_state(B, x.device)
+
+        # projections, then causal depthwise conv with the cached left context (pitfall 7: multi-token cached calls)
+        proj = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)   # (B,T,2HDk+HDv)
+        ctx = torch.cat([state.conv.to(proj.dtype), proj], dim=1)                    # (B,W-1+T,channels)
+        # y_t = Σ_j w[j] x_{t-W+1+j}, written as W shifted multiply-adds: on CPU this is >100x faster to
+        # differentiate than the depthwise F.conv1d (whose backward took 2/3 of a training step), same maths.
+        weight = self.conv.weight[:, 0, :]                                           # (channels, W)
+        conv_out = sum(ctx[:, j:j + T] * weight[:, j] for j in range(self.conv_size))  # (B,T,channels)
+        conv_out = F.silu(conv_out)
+        new_conv = ctx[:, ctx.shape[1] - (self.conv_size - 1):]                      # (B,W-1,channels) pre-conv
+        q, k, v = conv_out.split([H * Dk, H * Dk, H * Dv], dim=-1)                   # (B,T,H·D) each
+        q = q.reshape(B, T, H, Dk).transpose(1, 2)                                   # (B,H,T,Dk)
+        k = k.reshape(B, T, H, Dk).transpose(1, 2)                                   # (B,H,T,Dk)
+        v = v.reshape(B, T, H, Dv).transpose(1, 2)                                   # (B,H,T,Dv)
+        q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)                   # fla l2norm eps
+        k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
+        beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)                         # (B,T,H) -> (B,H,T)
+
+        # kernel switch as in fla: chunked for long calls, recurrent for short ones (both agree, tested)
+        if T > self.recurrent_below:
+            o, S = delta_rule_chunked(q, k, v, beta, chunk_size=self.chunk_size, initial_state=state.S)
+        else:
+            o, S = delta_rule_recurrent(q, k, v, beta, initial_state=state.S)         # o (B,H,T,Dv)
+
+        # per-head RMSNorm over Dv, weight shared across heads; merge heads; output projection
+        o32 = o.float() if o.dtype != torch.float64 else o                          # norm in fp32 (weights fp32)
+        o = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight).to(x.dtype)
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dv))                    # (B,T,H·Dv) -> (B,T,D)
+        return y, DeltaNetState(S=S, conv=new_conv)                                 # S fp32 (fp64 for fp64 x)

@@ -1,0 +1,200 @@
+"""LaCT layer (Large-Chunk Test-Time Training): sliding-window attention + SwiGLU fast weights, streamable.
+
+Spec: /work/shared/docs/fast-weights.md §3.1 (dataflow), §3.2 (update rule, in lact_ops.py), §3.4 (the
+streaming state built here instead of the released re-run-the-prefix generation), §7 pitfalls 12-16;
+LaCT paper (Zhang et al. 2025, arXiv 2505.23884).
+
+Dataflow: [q; k; v] = W_qkv x. (a) SWA branch: causal softmax attention over the last `window` tokens
+(itself included), RoPE with ABSOLUTE positions. (b) TTT branch on the same q, k, v: learnable per-channel
+scale/offset on q, k; SiLU on q, k, v; per-fast-head L2 norm of q, k; per-token lrs
+eta = softplus(W_lr x + b_lr + softplus^-1(1e-3)) (3 per head) and momentum m = sigmoid(W_m x + b_m);
+apply-then-update fast-weight op; per-head RMSNorm (eps 1e-5) times silu(W_s x). Output o_proj(a + b).
+
+Deviations:
+- NoPE on the fast path (no RoPE on the fast q, k; the LaCT author notes NoPE also works).
+- Every complete chunk updates the fast weights, the last one included (see lact_ops.py): outputs equal the
+  released code's, the returned state is the one streaming needs.
+- Newton-Schulz (use_muon) runs in fp32 on CPU (bf16 on CUDA).
+- `norm_eps` is accepted for parity with DeltaNet's constructor and unused: the block RMSNorms live in the
+  model, and the TTT output norm uses the released eps 1e-5.
+Streaming: forward(x, state) on any segmentation equals one full pass (outputs and final state).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refine_mini.lact_ops import lact_chunked
+
+TTT_NORM_EPS = 1e-5  # per-head RMSNorm on the TTT output (released value)
+QK_L2_EPS = 1e-5  # x / (||x|| + eps) on the fast q, k
+BASE_LR = 1e-3  # softplus(0 + softplus^-1(BASE_LR)) = BASE_LR
+
+
+@dataclass
+class LaCTState:
+    """Streaming state; every tensor field has the batch at dim 0 (ModelState handles them generically)."""
+    w0: torch.Tensor  # (B, Hf, h, d) fast weight W0, fp32 (fp64 for fp64 inputs)
+    w1: torch.Tensor  # (B, Hf, d, h) fast weight W1
+    w2: torch.Tensor  # (B, Hf, h, d) fast weight W2
+    m0: torch.Tensor  # (B, Hf, h, d) momentum buffers (pre-Muon), zeros at sequence start
+    m1: torch.Tensor  # (B, Hf, d, h)
+    m2: torch.Tensor  # (B, Hf, h, d)
+    n0: torch.Tensor  # (B, Hf, h, 1) target row norms, from the initial weights
+    n1: torch.Tensor  # (B, Hf, d, 1)
+    n2: torch.Tensor  # (B, Hf, h, 1)
+    buf_k: torch.Tensor  # (B, n_buf, Hf, d) fast keys of the current partial chunk, n_buf < C
+    buf_v: torch.Tensor  # (B, n_buf, Hf, d) fast values
+    buf_eta: torch.Tensor  # (B, n_buf, Hf, 3) per-token lrs (eta0, eta1, eta2)
+    buf_m: torch.Tensor  # (B, n_buf, Hf) per-token momentum
+    swa_k: torch.Tensor  # (B, n_kv, Ha, dh) last n_kv <= window-1 attention keys, post-RoPE
+    swa_v: torch.Tensor  # (B, n_kv, Ha, dh) their values
+    pos: int  # absolute position of the next token (same for every row)
+
+
+def apply_rope(x, pos0, theta):
+    """Rotate-half RoPE at absolute positions pos0 .. pos0+T-1. x (B, T, H, dh) -> same shape."""
+    T, dh = x.shape[1], x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float64, device=x.device) / dh)  # (dh/2,)
+    positions = torch.arange(pos0, pos0 + T, dtype=torch.float64, device=x.device)  # (T,)
+    angles = positions[:, None] * inv_freq[None, :]  # (T, 1) * (1, dh/2) -> (T, dh/2)
+    cos = angles.cos().to(x.dtype)[None, :, None, :]  # (1, T, 1, dh/2)
+    sin = angles.sin().to(x.dtype)[None, :, None, :]
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]  # (B, T, H, dh/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)  # (B, T, H, dh)
+
+
+def sliding_window_attention(q, k, v, n_past, window):
+    """Causal softmax attention where each query sees itself and the previous window-1 tokens.
+
+    q (B, H, T, dh) are the new tokens; k, v (B, H, n_past + T, dh) hold n_past cached tokens then the new
+    ones. Queries are processed in blocks of `window` against only the keys they can see, so memory is
+    O(T * window). Returns (B, H, T, dh).
+    """
+    T, dh = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(dh)
+    outs = []
+    for q_lo in range(0, T, window):
+        q_hi = min(q_lo + window, T)
+        k_lo = max(0, n_past + q_lo - window + 1)  # first key any query of the block can see
+        k_hi = n_past + q_hi
+        qi = torch.arange(n_past + q_lo, n_past + q_hi, device=q.device)  # query positions in key coords
+        kj = torch.arange(k_lo, k_hi, device=q.device)
+        lag = qi[:, None] - kj[None, :]  # (Tq, Tk)
+        visible = (lag >= 0) & (lag < window)
+        scores = q[:, :, q_lo:q_hi] @ k[:, :, k_lo:k_hi].mT * scale  # (B,H,Tq,dh) @ (B,H,dh,Tk) -> (B,H,Tq,Tk)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        outs.append(torch.softmax(scores, -1) @ v[:, :, k_lo:k_hi])  # (B,H,Tq,Tk) @ (B,H,Tk,dh) -> (B,H,Tq,dh)
+    return torch.cat(outs, 2)  # (B,H,T,dh)
+
+
+def to_kernel(t):
+    """(B, T, H, ...) <-> (B, H, T, ...): state/layer layout to kernel layout and back."""
+    return t.transpose(1, 2)
+
+
+class LaCT(nn.Module):
+    """LaCT mixer: forward(x (B, T, D), state=None) -> (y (B, T, D), LaCTState)."""
+
+    def __init__(self, d_model, n_heads_attn, n_heads_fast, chunk_size, window, inter_multi=1,
+                 use_momentum=True, use_muon=False, rope_theta=1e4, norm_eps=1e-6):
+        super().__init__()
+        if d_model % n_heads_attn or d_model % n_heads_fast:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads_attn {n_heads_attn} "
+                             f"and n_heads_fast {n_heads_fast}")
+        if (d_model // n_heads_attn) % 2:
+            raise ValueError(f"attention head dim {d_model // n_heads_attn} must be even for RoPE")
+        if chunk_size < 1 or inter_multi < 1:
+            raise ValueError(f"chunk_size {chunk_size} and inter_multi {inter_multi} must be >= 1")
+        if window < chunk_size:
+            raise ValueError(f"window {window} must be >= chunk_size {chunk_size} (SWA gives in-chunk causality)")
+        self.d_model, self.n_heads_attn, self.n_heads_fast = d_model, n_heads_attn, n_heads_fast
+        self.chunk_size, self.window, self.rope_theta = chunk_size, window, rope_theta
+        self.use_momentum, self.use_muon, self.norm_eps = use_momentum, use_muon, norm_eps
+        self.head_dim_attn = d_model // n_heads_attn  # dh
+        self.head_dim_fast = d = d_model // n_heads_fast  # d
+        self.hidden_fast = h = d * inter_multi  # h
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.qk_scale = nn.Parameter(torch.ones(2, d_model))  # s_q, s_k
+        self.qk_offset = nn.Parameter(torch.zeros(2, d_model))  # b_q, b_k
+        self.lr_proj = nn.Linear(d_model, 3 * n_heads_fast)  # -> (eta0, eta1, eta2) per fast head
+        self.momentum_proj = nn.Linear(d_model, n_heads_fast) if use_momentum else None
+        self.ttt_scale_proj = nn.Linear(d_model, n_heads_fast)  # silu gate per head
+        self.ttt_norm_weight = nn.Parameter(torch.ones(d))  # RMSNorm affine, shared by the fast heads
+        self.w0_init = nn.Parameter(torch.randn(n_heads_fast, h, d) / math.sqrt(d))  # (Hf, h, d)
+        self.w1_init = nn.Parameter(torch.randn(n_heads_fast, d, h) / math.sqrt(h))  # (Hf, d, h)
+        self.w2_init = nn.Parameter(torch.randn(n_heads_fast, h, d) / math.sqrt(d))  # (Hf, h, d)
+        for lin in (self.qkv, self.o_proj, self.lr_proj, self.momentum_proj, self.ttt_scale_proj):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=0.02)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+
+    def initial_state(self, batch_size, dtype=torch.float32, device=None):
+        """Fresh state: fast weights = the slow initial weights repeated over the batch, empty buffers."""
+        device = device if device is not None else self.w0_init.device
+        sd = torch.promote_types(dtype, torch.float32)  # fast-weight dtype: fp32 (fp64 for fp64 inputs)
+        B, Hf, d, Ha, dh = batch_size, self.n_heads_fast, self.head_dim_fast, self.n_heads_attn, self.head_dim_attn
+        ws = [p.to(device=device, dtype=sd).unsqueeze(0).repeat(B, 1, 1, 1)  # (Hf,r,c) -> (B,Hf,r,c)
+              for p in (self.w0_init, self.w1_init, self.w2_init)]
+        norms = [w.norm(dim=-1, keepdim=True) for w in ws]  # (B, Hf, rows, 1)
+        moms = [torch.zeros_like(w) for w in ws]
+        empty = dict(device=device, dtype=sd)
+        return LaCTState(*ws, *moms, *norms,
+                         buf_k=torch.zeros(B, 0, Hf, d, **empty), buf_v=torch.zeros(B, 0, Hf, d, **empty),
+                         buf_eta=torch.zeros(B, 0, Hf, 3, **empty), buf_m=torch.zeros(B, 0, Hf, **empty),
+                         swa_k=torch.zeros(B, 0, Ha, dh, device=device, dtype=dtype),
+                         swa_v=torch.zeros(B, 0, Ha, dh, device=device, dtype=dtype), pos=0)
+
+    def forward(self, x, state=None):
+        B, T, D = x.shape
+        if D != self.d_model or T < 1:
+            raise ValueError(f"expected x of shape (B, T>=1, {self.d_model}), got {tuple(x.shape)}")
+        if state is None:
+            state = self.initial_state(B, x.dtype, x.device)
+        if state.w0.shape[0] != B:
+            raise ValueError(f"state batch {state.w0.shape[0]} != input batch {B}")
+        Ha, dh, Hf, d = self.n_heads_attn, self.head_dim_attn, self.n_heads_fast, self.head_dim_fast
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, 3D) -> 3 x (B, T, D)
+
+        # (a) sliding-window attention with absolute-position RoPE; cache keeps post-RoPE keys.
+        qa = apply_rope(q.view(B, T, Ha, dh), state.pos, self.rope_theta)  # (B, T, Ha, dh)
+        ka = torch.cat([state.swa_k, apply_rope(k.view(B, T, Ha, dh), state.pos, self.rope_theta)], 1)
+        va = torch.cat([state.swa_v, v.view(B, T, Ha, dh)], 1)  # (B, n_kv + T, Ha, dh)
+        n_kv = state.swa_k.shape[1]
+        attn = sliding_window_attention(qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2),
+                                        n_kv, self.window)  # (B, Ha, T, dh)
+        attn = attn.transpose(1, 2).reshape(B, T, D)  # (B, Ha, T, dh) -> (B, T, D)
+        keep = min(self.window - 1, n_kv + T)
+        swa_k, swa_v = ka[:, ka.shape[1] - keep:], va[:, va.shape[1] - keep:]  # (B, keep, Ha, dh)
+
+        # (b) TTT branch on the same q, k, v (NoPE).
+        fq = q * self.qk_scale[0] + self.qk_offset[0]  # (B, T, D)
+        fk = k * self.qk_scale[1] + self.qk_offset[1]
+        fq, fk, fv = (F.silu(t).view(B, T, Hf, d) for t in (fq, fk, v))  # (B, T, Hf, d)
+        fq = fq / (fq.norm(dim=-1, keepdim=True) + QK_L2_EPS)
+        fk = fk / (fk.norm(dim=-1, keepdim=True) + QK_L2_EPS)
+        sd = state.w0.dtype
+        base = math.log(math.expm1(BASE_LR))  # softplus^-1(1e-3)
+        eta = F.softplus(self.lr_proj(x).to(sd) + base).view(B, T, Hf, 3)  # (B, T, 3 Hf) -> (B, T, Hf, 3)
+        if self.use_momentum:
+            mom = torch.sigmoid(self.momentum_proj(x).to(sd))  # (B, T, Hf)
+        else:
+            mom = torch.zeros(B, T, Hf, device=x.device, dtype=sd)
+        buffer = tuple(map(to_kernel, (state.buf_k, state.buf_v, state.buf_eta, state.buf_m)))
+        o, ws, ms, buffer = lact_chunked(
+            to_kernel(fq), to_kernel(fk), to_kernel(fv), to_kernel(eta), to_kernel(mom),
+            (state.w0, state.w1, state.w2), (state.m0, state.m1, state.m2), (state.n0, state.n1, state.n2),
+            buffer, self.chunk_size, self.use_momentum, self.use_muon)  # o (B, Hf, T, d)
+        o = o.transpose(1, 2)  # (B, T, Hf, d)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + TTT_NORM_EPS) * self.ttt_norm_weight
+        o = o * F.silu(self.ttt_scale_proj(x)).unsqueeze(-1)  # (B, T, Hf, d) * (B, T, Hf, 1)
+        y = self.o_proj(attn + o.reshape(B, T, D))  # (B, T, Hf, d) -> (B, T, D); shared o_proj
+
+        buf_k, buf_v, buf_eta, buf_m = map(to_kernel, buffer)  # back to (B, n_buf, Hf, ...)
+        new_state = LaCTState(*ws, *ms, state.n0, state.n1, state.n2, buf_k=buf_k, buf_v=buf_v,
+                              buf_eta=buf_eta, buf_m=buf_m, swa_k=swa_k, swa_v=swa_v, pos=state.pos + T)
+        return y, new_state

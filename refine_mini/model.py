@@ -1,0 +1,196 @@
+"""The fast-weight language model: embedding -> N x [mixer + SwiGLU MLP] -> final norm -> LM head.
+
+Question answered: what is the policy that REFINE trains, and what exactly is its recurrent state?
+
+The block is the pre-norm block of fla's DeltaNet and of LaCT (shared doc fast-weights.md §2.2, §3.1):
+    x = x + Mixer(RMSNorm(x));   x = x + SwiGLU(RMSNorm(x))
+with Mixer = DeltaNet (chunked delta rule) or LaCT (large-chunk test-time training + sliding-window attention).
+There is no positional embedding: position lives in the recurrent state (and in LaCT's RoPE).
+
+`forward` always returns per-token logits (B, T, V) *and* the post-final-norm hidden states (B, T, D) -- the
+vectors REFINE's cosine reward compares (method.md §1.2, §5) -- *and* the new recurrent state. There is no
+"last position only" shortcut: RL needs every position's log-probability.
+
+The recurrent state is an explicit value, `ModelState`, one entry per layer. Every per-layer state is a dataclass
+whose tensor fields have the batch at dim 0, so the four operations rollouts need -- clone, detach, select rows,
+repeat rows -- are written once, here, for every mixer.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refine_mini.deltanet import DeltaNet
+from refine_mini.lact import LaCT
+
+
+@dataclass
+class ModelConfig:
+    mixer: str = "deltanet"  # sequence mixer: "deltanet" (delta rule) or "lact" (large-chunk TTT + window attention)
+    vocab_size: int = 8193  # 8192 GPT-2 BPE ranks + <|endoftext|> (tokenizer.py)
+    d_model: int = 256  # residual stream width D
+    n_layers: int = 4  # number of [mixer + MLP] blocks
+    n_heads: int = 4  # DeltaNet heads (head dim D/n_heads) / LaCT sliding-window attention heads
+    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * D, rounded up to a multiple of 64
+    norm_eps: float = 1e-6  # RMSNorm epsilon, as both paper models
+    init_std: float = 0.02  # N(0, init_std) for embeddings and linear weights (fla's initializer_range)
+    # DeltaNet
+    conv_size: int = 4  # causal depthwise short convolution on q, k, v
+    chunk_size: int = 64  # WY/UT chunk of the chunked delta-rule kernel
+    # LaCT
+    n_heads_fast: int = 2  # fast-weight heads (SwiGLU fast weights W0, W1, W2 per head)
+    lact_chunk: int = 128  # tokens per fast-weight update (the paper's model uses 2048 at 32K context)
+    window: int = 128  # sliding-window attention span; must be >= lact_chunk
+    use_muon: bool = False  # Newton-Schulz orthogonalised fast-weight updates
+
+    def __post_init__(self):
+        if self.mixer not in ("deltanet", "lact"):
+            raise ValueError(f"unknown model {self.mixer!r}: choose 'deltanet' or 'lact'")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+
+
+@dataclass
+class ModelState:
+    """The whole model's recurrent memory: one per-layer state dataclass per block (batch at dim 0 everywhere)."""
+
+    layers: list = field(default_factory=list)
+
+    def _map(self, fn) -> "ModelState":
+        """Apply fn to every tensor field of every layer state, keeping non-tensor fields (e.g. positions)."""
+        out = []
+        for layer_state in self.layers:
+            changes = {f.name: fn(getattr(layer_state, f.name))
+                       for f in dataclasses.fields(layer_state)
+                       if isinstance(getattr(layer_state, f.name), torch.Tensor)}
+            out.append(dataclasses.replace(layer_state, **changes))
+        return ModelState(out)
+
+    def clone(self) -> "ModelState":
+        """An independent copy; stays differentiable (gradients flow back to the original's graph)."""
+        return self._map(torch.clone)
+
+    def detach(self) -> "ModelState":
+        """Cut the autograd graph (for generation and test-time answers)."""
+        return self._map(torch.Tensor.detach)
+
+    def select(self, rows: torch.Tensor) -> "ModelState":
+        """Keep batch rows `rows` (LongTensor (B',)), in that order."""
+        return self._map(lambda t: t.index_select(0, rows.to(t.device)))
+
+    def repeat_interleave(self, n: int) -> "ModelState":
+        """Each row repeated n times, consecutively: rows (a, b) -> (a, a, b, b) for n = 2 (a GRPO group)."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def cat(states: list["ModelState"]) -> "ModelState":
+        """Stack the rows of several states with identical non-tensor fields (e.g. same position)."""
+        merged = []
+        for per_layer in zip(*(s.layers for s in states)):
+            first = per_layer[0]
+            changes = {f.name: torch.cat([getattr(s, f.name) for s in per_layer], dim=0)
+                       for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)}
+            merged.append(dataclasses.replace(first, **changes))
+        return ModelState(merged)
+
+
+class SwiGLU(nn.Module):
+    """MLP(x) = W_down (silu(W_gate x) * W_up x), bias-free, as in both paper models."""
+
+    def __init__(self, d_model: int, ratio: float):
+        super().__init__()
+        hidden = 64 * math.ceil(ratio * d_model * 2 / 3 / 64)
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if cfg.mixer == "deltanet":
+            self.mixer = DeltaNet(cfg.d_model, cfg.n_heads, conv_size=cfg.conv_size,
+                                  chunk_size=cfg.chunk_size, norm_eps=cfg.norm_eps)
+        else:
+            self.mixer = LaCT(cfg.d_model, cfg.n_heads, cfg.n_heads_fast, chunk_size=cfg.lact_chunk,
+                              window=cfg.window, use_muon=cfg.use_muon, norm_eps=cfg.norm_eps)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_ratio)
+
+    def forward(self, x, state=None):
+        mixed, state = self.mixer(self.mixer_norm(x), state)
+        x = x + mixed
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, state
+
+
+class FastWeightLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied, as both paper models
+        for name, module in self.named_modules():
+            # Mixers initialise their own special parameters (fast-weight inits, lr biases); we only set the
+            # generic ones: embeddings and the LM head / MLP linears.
+            if isinstance(module, nn.Embedding) or (isinstance(module, nn.Linear) and ".mixer" not in f".{name}"):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
+        """tokens (B, T) -> logits (B, T, V) fp32, hidden (B, T, D) after the final norm, new ModelState."""
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty (B, T) tensor, got shape {tuple(tokens.shape)}")
+        layer_states = state.layers if state is not None else [None] * len(self.blocks)
+        x = self.embed(tokens)  # (B, T, D)
+        new_states = []
+        for block, layer_state in zip(self.blocks, layer_states):
+            x, layer_state = block(x, layer_state)
+            new_states.append(layer_state)
+        hidden = self.final_norm(x)  # (B, T, D): the vector REFINE's cosine reward compares
+        logits = self.lm_head(hidden).float()  # (B, T, D) @ (D, V) -> (B, T, V)
+        return logits, hidden, ModelState(new_states)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None, state: ModelState | None = None,
+                 stop_token: int | None = None):
+        """Prefill `prompt` (B, T) once, then decode token by token from the carried state.
+
+        Never re-encodes the prefix: each step feeds one token and the state. temperature 0 is greedy.
+        With `stop_token`, decoding ends early once every row has emitted it (later tokens of finished rows
+        are still produced but callers cut at the stop token). Returns (new tokens (B, N), final ModelState).
+        """
+        logits, _, state = self(prompt, state)
+        out = []
+        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        for step in range(max_new_tokens):
+            next_token = sample_token(logits[:, -1], temperature, generator)  # (B,)
+            out.append(next_token)
+            if stop_token is not None:
+                finished |= next_token == stop_token
+                if bool(finished.all()):
+                    break
+            if step + 1 < max_new_tokens:
+                logits, _, state = self(next_token[:, None], state)  # (B, 1) -> logits (B, 1, V)
+        return torch.stack(out, dim=1), state  # (B, N)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy at temperature 0, else a draw from softmax(logits / temperature)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B, 1) -> (B,)

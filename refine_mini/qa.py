@@ -1,0 +1,159 @@
+"""Synthetic multi-document QA in the RULER QA format (method.md §6 "RULER QA"), one-hop and two-hop.
+
+Question answered: how do we make a SQuAD/HotpotQA-like long-context QA prompt of exactly `length` tokens, and score it?
+
+Rendered one-hop prompt (make_qa_example(230, 0.5, random.Random(2)); `|` marks needle_token_pos[0] = 107):
+
+    Answer the question based on the given passages. Only give me the answer and do not output any other words.
+
+    The following are given passages.
+
+    Passage 1:
+    Frank Adams was born in Goldbury. Frank Adams works as a nurse at Royal Textiles.
+    Passage 2:
+    Clara Turner was born in Southdale. Clara Turner works as a writer at Horizon Energy.
+    Passage 3:
+    |Peter Hall is a nurse at Maple Tools. The home town of Peter Hall is Corhaven, where Peter Hall was born.
+    Passage 4:
+    Nova Games was founded by Rose Young in 1981. The company is based in Hartford. In summer the wall was warm,
+    and the travellers tell stories.
+
+    Answer the question based on the given passages. Only give me the answer and do not output any other words.
+
+    Question: Where was Peter Hall born?
+    Answer:
+target " Corhaven\\n". Two-hop ("qa_2hop"): "Where was the founder of <Company> born?" needs the company passage (its
+founder) and that founder's person passage; both are gold passages (needle_token_pos has two entries).
+
+Exact length: the gold passages plus as many distractor passages (other people, other companies, all from the same
+split) as fit; the r < one passage tokens still missing are prose filler (tail fragment of a sentence, then whole
+sentences) appended after the last passage. The first gold passage sits at passage index round(depth × #distractors);
+the second (two-hop) at a random index. Score (ReFINE/RULER QA): the output before its first newline, stripped; 1 if
+any gold answer is a case-insensitive substring of it, else 0.
+Deviations: synthetic entities and templated passages instead of SQuAD/HotpotQA paragraphs; our tokenizer; entities
+(people, cities, companies) are partitioned by split (textgen.py), so eval answers never occur in training text.
+"""
+
+import random
+
+from refine_mini.textgen import (JOBS, QA_INSTRUCTION, Example, company_passage, encode_cached, make_city,
+                                 make_company, make_person, person_passage, prose_sentence, qa_question, unique)
+
+QA_PREFIX = QA_INSTRUCTION + "\n\nThe following are given passages.\n"
+MAX_NEW_TOKENS = 32  # ReFINE's TTT demo decodes ≤ 32 tokens for every task
+
+
+def _header(i: int) -> tuple[int, ...]:
+    return encode_cached(f"\nPassage {i}:\n")
+
+
+class _World:
+    """Entities of one example; every name and company is drawn at most once (people may share a city)."""
+
+    def __init__(self, rng: random.Random, split: str):
+        self.rng, self.split, self.names, self.companies = rng, split, set(), set()
+
+    def person(self) -> str | None:
+        try:
+            name = unique(self.rng, make_person, self.split, 1, avoid=self.names)[0]
+        except ValueError:  # pool exhausted (very long prompts): the caller stops adding passages
+            return None
+        self.names.add(name)
+        return name
+
+    def company(self) -> str | None:
+        try:
+            company = unique(self.rng, make_company, self.split, 1, avoid=self.companies)[0]
+        except ValueError:
+            return None
+        self.companies.add(company)
+        return company
+
+    def person_text(self, name: str, city: str) -> tuple[str, str]:
+        """(passage, employer) for one person."""
+        employer = make_company(self.rng, self.split)
+        return person_passage(self.rng, name, city, self.rng.choice(JOBS), employer), employer
+
+    def company_text(self, company: str, founder: str, city: str) -> str:
+        return company_passage(self.rng, company, founder, city, self.rng.randrange(1850, 2020))
+
+    def distractor(self) -> str | None:
+        if self.rng.random() < 1 / 3:
+            company, founder = self.company(), self.person()
+            if company and founder:
+                return self.company_text(company, founder, make_city(self.rng, self.split))
+        name = self.person()
+        return self.person_text(name, make_city(self.rng, self.split))[0] if name else None
+
+
+def make_qa_example(length: int, depth: float, rng: random.Random, split: str = "eval", hops: int = 1) -> Example:
+    """A multi-document QA instance of exactly `length` tokens (hops 1 = "qa", 2 = "qa_2hop")."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    w = _World(rng, split)
+    name, city = w.person(), make_city(rng, split)
+    if hops == 1:
+        text, employer = w.person_text(name, city)
+        gold = [text]
+        if rng.randrange(2) == 0:
+            question, answer = f"Where was {name} born?", city
+        else:
+            question, answer = f"Which company does {name} work for?", employer
+    elif hops == 2:
+        company = w.company()
+        gold = [w.company_text(company, name, make_city(rng, split)), w.person_text(name, city)[0]]
+        question, answer = f"Where was the founder of {company} born?", city
+    else:
+        raise ValueError(f"hops must be 1 or 2, got {hops}")
+    prefix = encode_cached(QA_PREFIX)
+    suffix = encode_cached("\n\n" + QA_INSTRUCTION + "\n" + qa_question(question))
+    bodies = [encode_cached(g) for g in gold]
+    used = len(prefix) + len(suffix) + sum(len(_header(i + 1)) + len(b) for i, b in enumerate(bodies))
+    if used > length:
+        raise ValueError(f"length {length} is too short for this task: needs at least {used} tokens")
+    distractors = []
+    while True:
+        text = w.distractor()
+        if text is None:
+            break
+        body = encode_cached(text)
+        extra = len(_header(len(bodies) + len(distractors) + 1)) + len(body)
+        if used + extra > length:
+            break
+        distractors.append(body)
+        used += extra
+    order = list(distractors)  # insert gold passages: the first at the requested depth, the second anywhere
+    gold_idx = [round(depth * len(distractors))]
+    order.insert(gold_idx[0], bodies[0])
+    if len(bodies) == 2:
+        j = rng.randint(0, len(order))
+        order.insert(j, bodies[1])
+        gold_idx = [g + (g >= j) for g in gold_idx] + [j]
+    ids, starts = list(prefix), []
+    for i, body in enumerate(order):
+        ids.extend(_header(i + 1))
+        starts.append(len(ids))
+        ids.extend(body)
+    ids.extend(_prose_filler(rng, length - used))
+    ids.extend(suffix)
+    assert len(ids) == length, (len(ids), length)
+    task = "qa" if hops == 1 else "qa_2hop"
+    return Example(ids, [answer], task, length, depth, [starts[g] for g in gold_idx], MAX_NEW_TOKENS, f" {answer}\n")
+
+
+def _prose_filler(rng: random.Random, n: int) -> list[int]:
+    """Exactly n tokens of prose: the tail of one sentence, then whole sentences."""
+    sents, total = [], 0
+    while total < n:
+        sents.append(encode_cached(prose_sentence(rng)))
+        total += len(sents[-1])
+    ids = [t for s in sents for t in s]
+    return ids[total - n:]
+
+
+def score_qa(output: str, answers: list[str]) -> float:
+    """1.0 if any gold answer is a case-insensitive substring of the stripped first line of the output, else 0.0."""
+    if not answers:
+        raise ValueError("score_qa needs at least one gold answer")
+    line = output.split("\n", 1)[0].strip().lower()
+    return float(any(a.strip().lower() in line for a in answers if a.strip()))

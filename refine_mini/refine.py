@@ -1,0 +1,193 @@
+"""One REFINE optimizer step: NTP + GRPO on next-k-token rollouts (method.md §1.1, §1.8, §1.9, §2, §8, §9).
+
+    L = λ_NTP · NTP(whole documents) + λ_RL · PPO-clip(rollouts),   one backward, one AdamW step.
+
+`refine_step` reads as the paper's steps: 1) select positions by entropy, 2) rollouts, 3) rewards,
+4) GRPO + NTP loss. The policy gradient flows THROUGH THE PREFIX: the state that conditions each rollout is part
+of the autograd graph, so the slow weights learn to write fast-weight memory that supports the continuation (§8.2;
+`detach_prefix=True` reproduces the pre-release no_grad-prefix shortcut, as an ablation).
+
+Two paths compute `refine_loss` for FIXED rollouts and agree in loss and every gradient (tests/test_refine_step.py):
+- fast (default): ONE forward with grad per document, split at its selected positions (rollout.segmented_forward).
+  It gives the NTP logits and the attached state snapshots; logp(x̂_1) is read off the document logits at the
+  prefix end, and x̂_1..x̂_{k-1} go through one multi-token call from each attached, forked snapshot.
+  In `refine_step` the same forward also feeds the rollouts (sampled from DETACHED copies of the snapshots).
+- reference (clarity, as the official code): NTP on each whole document, plus [prefix ; rollout] re-encoded from
+  scratch with grad for every prefix.
+
+Schedules (`schedule`):
+- "single" (default): one optimizer step per batch. Rollouts are sampled from the very forward that is
+  differentiated, so it is exactly on-policy (ratio = 1, clipping never acts) and the cheapest: no separate
+  rollout pass. This equals the official loop with one mini-batch.
+- "minibatch" (official, §1.8): rollouts for the whole batch first (no grad), then `minibatches` optimizer steps over
+  contiguous document slices, each recomputing its forward. Later mini-batches are slightly off-policy, which is
+  the only place where the PPO clip acts. Advantages are computed once on the whole batch (groups never straddle
+  mini-batches: a group lies inside one document).
+
+Deviations: the NTP term is the token-mean CE over all documents of the (mini-)batch (verl averages per micro-batch);
+documents are unpadded (right padding only for the no-grad teacher pass); see selection.py / grpo.py for theirs.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from refine_mini.grpo import group_advantages, group_ids, ppo_clip_loss
+from refine_mini.rewards import REWARDS, compute_rewards
+from refine_mini.rollout import (Rollouts, document_forward, log_probs, rollout_logp, rollouts_forked,
+                                 sample_rollouts)
+from refine_mini.selection import MODES, Selection, pad_documents, select_positions, teacher_forced_pass
+from refine_mini.trainer import clip_and_step
+
+
+@dataclass
+class RefineConfig:
+    c: int = 8  # chunks per document = selected positions K per document (method.md §2)
+    k: int = 5  # rollout length L: tokens sampled after each prefix (exactly k, temperature 1)
+    n: int = 1  # rollouts per position; n=1: a GRPO group = the c rollouts of a document, n>1: the n samples of a prefix
+    selection: str = "entropy"  # entropy | uniform | argmax | argmin (paper Tab. 7 ablation)
+    reward: str = "cosine"  # reward driving the advantage: cosine (mid) | binary (TTT) | hybrid (post); all are logged
+    lambda_ntp: float = 1.0  # λ_SFT: weight of the whole-document NTP loss
+    lambda_rl: float = 0.2  # λ_RL: weight of the PPO-clip loss (0.4 for TTT with the binary reward)
+    clip_eps: float = 0.2  # PPO clip ε (low = high)
+    dual_clip: float = 3.0  # dual clip c: for A < 0 the token loss is capped at -A·c
+    adv_eps: float = 1e-6  # A = (R - mean) / (std + adv_eps)
+    smooth_kernel: int | None = None  # entropy smoothing kernel (odd); None -> k if k is odd else k+1
+    tau: float = 1.0  # temperature of the per-chunk softmax(ẽ/τ)
+    min_prefix: int | None = None  # tokens before the rollout start r = t+1; None -> max(1, round(20·L/16384))
+    end_margin: int | None = None  # r <= L - end_margin (>= k); None -> max(k, round(20·L/16384))
+    schedule: str = "single"  # "single": one on-policy step per batch | "minibatch": official, several steps
+    minibatches: int = 4  # optimizer steps per batch with schedule="minibatch" (documents split evenly)
+    detach_prefix: bool = False  # ablation: no policy gradient through the prefix (pre-release shortcut, §8.2)
+
+    def __post_init__(self):
+        if self.selection not in MODES:
+            raise ValueError(f"unknown selection {self.selection!r}: choose one of {MODES}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}: choose one of {REWARDS}")
+        if self.schedule not in ("single", "minibatch"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: choose 'single' or 'minibatch'")
+        if min(self.c, self.k, self.n, self.minibatches) < 1:
+            raise ValueError("c, k, n and minibatches must all be >= 1")
+
+
+def as_documents(tokens) -> list[torch.Tensor]:
+    """(B, T) LongTensor or a list of 1-D LongTensors (documents of different lengths) -> list of 1-D tensors."""
+    docs = list(tokens.unbind(0)) if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else list(tokens)
+    if not docs or any(not isinstance(d, torch.Tensor) or d.dim() != 1 or len(d) < 2 for d in docs):
+        raise ValueError("tokens must be a (B, T) tensor or a non-empty list of 1-D tensors of >= 2 tokens")
+    return docs
+
+
+def _ntp_sum(logits: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
+    """Summed next-token CE of one document: logits (L, V) at t predict doc[t+1]."""
+    return -log_probs(logits[:-1]).gather(1, doc[1:, None]).sum()  # (L-1, V) gather (L-1, 1) -> sum  # (L-1, V) vs (L-1,)
+
+
+def _reference_logp(model, docs, rollouts: Rollouts, detach_prefix: bool) -> torch.Tensor:
+    """log π_θ(x̂_j | prefix, x̂_<j) (N, k) by re-encoding [prefix ; rollout] from scratch for every prefix."""
+    n, out = rollouts.n, []
+    for row in range(0, rollouts.tokens.shape[0], n):  # one prefix and its n samples
+        b, t = int(rollouts.doc[row]), int(rollouts.pos[row])
+        prefix = docs[b][None, :t + 1].expand(n, -1)  # (n, t+1)
+        sampled = rollouts.tokens[row:row + n]  # (n, k)
+        if detach_prefix:
+            with torch.no_grad():
+                prefix_logits, _, state = model(prefix)  # (n, t+1, V)
+            logits = prefix_logits[:, -1:]  # (n, 1, V): predicts x̂_1, no grad
+            if sampled.shape[1] > 1:
+                logits = torch.cat([logits, model(sampled[:, :-1], state)[0]], 1)  # (n, k, V)
+        else:
+            full_logits, _, _ = model(torch.cat([prefix, sampled[:, :-1]], 1))  # (n, t+k, V)
+            logits = full_logits[:, t:]  # logits at t..t+k-1 predict x̂_1..x̂_k: (n, k, V)
+        logp = log_probs(logits)  # (n, k, V)
+        out.append(logp.gather(2, sampled[..., None])[..., 0])  # (n, k, V) gather (n, k, 1) -> (n, k)
+    return torch.cat(out)  # (N, k)
+
+
+def refine_loss(model, docs: list, selection: Selection, rollouts: Rollouts, advantages: torch.Tensor,
+                cfg: RefineConfig, path: str = "fast", doc_forward=None):
+    """λ_NTP·NTP + λ_RL·PPO-clip for FIXED rollouts -> (loss with grad, stats). `doc_forward` reuses a fast forward."""
+    n_targets = sum(len(d) - 1 for d in docs)
+    if path == "fast":
+        fwd = doc_forward if doc_forward is not None else document_forward(model, docs, selection.positions)
+        ntp_sum = sum(_ntp_sum(logits, doc) for logits, doc in zip(fwd.logits, docs))
+        first_logits, snapshots = fwd.first_logits, fwd.snapshots  # attached: grad flows into the prefix
+        if cfg.detach_prefix:
+            first_logits, snapshots = first_logits.detach(), [s.detach() for s in snapshots]
+        logp = rollout_logp(model, first_logits, snapshots, rollouts.tokens, rollouts.n)  # (N, k)
+    elif path == "reference":
+        ntp_sum = sum(_ntp_sum(model(doc[None])[0][0], doc) for doc in docs)  # (1, L, V) -> (L, V)
+        logp = _reference_logp(model, docs, rollouts, cfg.detach_prefix)  # (N, k)
+    else:
+        raise ValueError(f"unknown path {path!r}: choose 'fast' or 'reference'")
+    ntp = ntp_sum / n_targets
+    policy, stats = ppo_clip_loss(logp, rollouts.old_logp, advantages, cfg.clip_eps, cfg.dual_clip)
+    loss = cfg.lambda_ntp * ntp + cfg.lambda_rl * policy
+    stats.update(loss=loss.item(), ntp_loss=ntp.item(), policy_loss=policy.item())
+    return loss, stats
+
+
+def _batch_metrics(rewards: dict, flat: torch.Tensor, selection: Selection) -> dict:
+    out = {}
+    for name, values in rewards.items():
+        out[f"reward_{name}_mean"] = float(values.mean())
+        out[f"reward_{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
+    out["frac_zero_std_groups"] = float(flat.float().mean())
+    out["selected_entropy_mean"] = float(selection.entropy.mean())
+    return out
+
+
+def _update(model, optimizer, loss, grad_clip: float) -> float:
+    loss.backward()
+    return clip_and_step(model, optimizer, grad_clip)  # skips the step on a non-finite grad norm
+
+
+def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Generator | None = None,
+                grad_clip: float = 1.0):
+    """One REFINE batch -> metrics dict ("single") or a list of dicts, one per optimizer step ("minibatch")."""
+    start_time = time.perf_counter()
+    docs = as_documents(tokens)
+    padded, lengths = pad_documents(docs)  # (B, T_max), (B,)
+    optimizer.zero_grad(set_to_none=True)
+
+    # 1) select positions by entropy: a no-grad teacher-forced pass gives e_t and h_gt (eval mode)
+    entropy, h_gt = teacher_forced_pass(model, padded)  # (B, T_max), (B, T_max, D)
+    selection = select_positions(entropy, lengths, cfg.c, cfg.k, cfg.selection, cfg.tau, cfg.smooth_kernel,
+                                 generator, cfg.min_prefix, cfg.end_margin)  # positions (B, c)
+
+    # 2) rollouts: k tokens from every prefix state, n times
+    if cfg.schedule == "single":
+        fwd = document_forward(model, docs, selection.positions)  # WITH grad: NTP logits + attached snapshots
+        rollouts = sample_rollouts(model, fwd, selection.positions, cfg.k, cfg.n, generator)  # detached copies
+    else:
+        fwd = None
+        rollouts = rollouts_forked(model, docs, selection.positions, cfg.k, cfg.n, generator)  # no grad
+    rollout_time = time.perf_counter() - start_time
+
+    # 3) rewards (all three logged) and GRPO advantages within each group
+    rewards = compute_rewards(rollouts, padded, h_gt)  # dict of (N,)
+    advantages, flat = group_advantages(rewards[cfg.reward], group_ids(rollouts), cfg.adv_eps)  # (N,), (G,)
+    batch_metrics = _batch_metrics(rewards, flat, selection)
+
+    # 4) GRPO + NTP loss, one backward, one optimizer step (per mini-batch in the official schedule)
+    if cfg.schedule == "single":
+        loss, stats = refine_loss(model, docs, selection, rollouts, advantages, cfg, "fast", doc_forward=fwd)
+        grad_norm = _update(model, optimizer, loss, grad_clip)
+        elapsed = time.perf_counter() - start_time
+        return {**stats, **batch_metrics, "grad_norm": grad_norm, "step_s": elapsed,
+                "tokens_per_s": float(lengths.sum()) / elapsed}
+
+    metrics = []
+    for doc_ids in torch.arange(len(docs)).tensor_split(min(cfg.minibatches, len(docs))):
+        mb_start = time.perf_counter()
+        lo, hi = int(doc_ids[0]), int(doc_ids[-1]) + 1
+        mb_rollouts = rollouts.docs_slice(lo, hi)
+        rows = (rollouts.doc >= lo) & (rollouts.doc < hi)  # (N,) rows of this mini-batch
+        mb_selection = Selection(selection.positions[lo:hi], selection.entropy[lo:hi])
+        loss, stats = refine_loss(model, docs[lo:hi], mb_selection, mb_rollouts, advantages[rows], cfg, "fast")
+        grad_norm = _update(model, optimizer, loss, grad_clip)
+        elapsed = time.perf_counter() - mb_start + rollout_time / len(docs) * (hi - lo)
+        metrics.append({**stats, **batch_metrics, "grad_norm": grad_norm, "step_s": elapsed,
+                        "tokens_per_s": float(lengths[lo:hi].sum()) / elapsed})
+    return metrics

@@ -1,0 +1,260 @@
+"""The REFINE training regimes: mid-training on long documents, and (in posttrain.py) nested post-training.
+
+Question answered: around one `refine_step`, what does each regime feed it, which optimizer and LR does it use, what
+is the matched NTP-only baseline, and how does a run log, checkpoint, resume and fail?
+
+method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per regime), §8.3 (step counts), §9.
+- mid (`--objective refine`, the default): long documents from the corpus (the built-in synthetic one, or --data);
+  every batch is one §1.9 loop: entropy selection, c*n rollouts of k tokens, cosine reward, GRPO + NTP.
+  λ_NTP 1, λ_RL 0.2, c 8, k 5, n 1, PPO ε 0.2 (paper §2 defaults; RefineConfig owns them).
+- mid `--objective ntp`: the baseline "SFT MidTr" -- NTP only on the same documents, with the SAME number of
+  optimizer steps per batch as REFINE takes (one per REFINE mini-batch, on the same rows). method.md §8.3 suspects
+  the paper's baselines took fewer steps; we match them and log the count (`opt_step`) so the comparison is fair.
+- post: see posttrain.py (REFINE on the prompt, then one answer-SFT step; baselines sft / nested-sft).
+
+Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant LR, no warm-up, grad-norm clip 1.0.
+Deviation: the paper's LR is 1e-6 for 0.76-1.3B models trained on billions of tokens. Our models are ~10M
+parameters pre-trained from scratch at a peak LR of 3e-3 (cosine down to 3e-4) for a few minutes, and a regime
+runs tens of steps: 1e-6 would not move them at all. We use 1e-4 for mid-training (1/3 of the last pre-training LR,
+enough to move in 20 steps without undoing the pre-training) and 3e-4 for post-training (a new prompt/answer format
+has to be learned in ~30 steps). Both are tuned knobs (--lr).
+
+Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
+opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns), ckpt.pt (atomic,
+every ckpt_every batches and at the end). A non-finite loss raises FloatingPointError before anything is saved, so
+the last good checkpoint survives. Resume (--resume) is exact on CPU: every batch and every rollout sampler is
+seeded by (seed, step), and the checkpoint holds model, optimizer, step and RNG states.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from refine_mini.common import MetricLog, load_checkpoint, make_generator, set_rng_state
+from refine_mini.trainer import clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run
+
+OBJECTIVES = {"mid": ("refine", "ntp"), "post": ("refine", "nested-sft", "sft")}
+
+
+@dataclass
+class RegimeConfig:
+    regime: str = "mid"  # mid | post
+    objective: str = "refine"  # mid: refine | ntp; post: refine | nested-sft | sft
+    max_steps: int = 20  # batches (train steps); optimizer steps are counted separately (opt_step)
+    batch_size: int = 4  # documents (mid) or prompts (post) per batch
+    seq_len: int = 0  # tokens per document / prompt; 0 = the base model's pre-training length (512)
+    lr: float = 1e-4  # constant LR (see the module docstring for why not the paper's 1e-6)
+    weight_decay: float = 0.01  # AdamW, paper Tab. D.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # global grad-norm clip (method.md §8.5: the code's 1.0, not the paper's 0.2)
+    ckpt_every: int = 10  # batches between checkpoints (and one at the end)
+    seed: int = 0  # drives data, rollouts and evaluation sampling
+    refine: dict = field(default_factory=dict)  # RefineConfig overrides (c, k, n, reward, lambda_rl, ...)
+    train_tasks: tuple = ("s_niah", "mk_niah", "qa")  # post: TRAINING-split tasks, mixed within each batch
+    eval_tasks: tuple = ("s_niah", "qa")  # post: the quick before/after score (EVAL split, greedy)
+    eval_samples: int = 16  # post: eval prompts per task
+
+
+def defaults(regime: str) -> RegimeConfig:
+    """The default run of each regime, sized so that it finishes in a few minutes on 2 CPU cores."""
+    if regime == "mid":
+        return RegimeConfig(regime="mid", max_steps=20, batch_size=4, lr=1e-4,
+                            refine={"reward": "cosine", "lambda_ntp": 1.0, "lambda_rl": 0.2})
+    if regime == "post":
+        # 20 batches: one REFINE step on 4x512 prompts costs ~9 pre-training steps (measured under the same load),
+        # so base pre-training (300 steps) + this run + the before/after score should fit 10 minutes on 2 cores.
+        return RegimeConfig(regime="post", max_steps=20, batch_size=4, lr=3e-4,
+                            refine={"reward": "hybrid", "lambda_ntp": 1.0, "lambda_rl": 0.2})
+    raise ValueError(f"unknown regime {regime!r}; choose mid or post")
+
+
+REFINE_FLAGS = ("c", "k", "n", "selection", "reward", "schedule", "minibatches", "lambda_rl", "lambda_ntp")
+
+
+def resolve_config(args) -> RegimeConfig:
+    """Regime defaults, then every CLI flag that was given. Raises ValueError on a bad combination."""
+    cfg = defaults(args.regime)
+    objective = getattr(args, "objective", None) or "refine"
+    if objective not in OBJECTIVES[args.regime]:
+        raise ValueError(f"--objective {objective!r} is not available for --regime {args.regime}; "
+                         f"choose one of {', '.join(OBJECTIVES[args.regime])}")
+    cfg.objective, cfg.seed = objective, args.seed
+    for name in ("max_steps", "batch_size", "seq_len", "lr"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    for name in REFINE_FLAGS:
+        if getattr(args, name, None) is not None:
+            cfg.refine[name] = getattr(args, name)
+    return cfg
+
+
+def refine_config(overrides: dict):
+    """Adapter to refine.py's RefineConfig: its own defaults, then our overrides (unknown names are an error)."""
+    from refine_mini.refine import RefineConfig
+    names = {f.name for f in fields(RefineConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"RefineConfig has no field(s) {', '.join(unknown)}")
+    return RefineConfig(**overrides)
+
+
+def steps_per_batch(rcfg, batch_size: int) -> int:
+    """Optimizer steps refine_step takes on a batch: one per (non-empty) mini-batch (method.md §1.8), else one."""
+    return min(rcfg.minibatches, batch_size) if rcfg.schedule == "minibatch" else 1
+
+
+def step_generator(seed: int, step: int, stream: int = 0, device="cpu") -> torch.Generator:
+    """A generator that is a pure function of (seed, step, stream): what makes resume exact."""
+    return make_generator(seed * 1_000_003 + step * 16 + stream + 11, torch.device(device))
+
+
+# ---- the inner update: REFINE or its matched NTP-only baseline ------------------------------------------------
+
+def inner_update(model, optimizer, tokens: torch.Tensor, objective: str, rcfg, generator, grad_clip: float) -> list:
+    """One batch of the §1.9 loop on `tokens` (B, T). Returns one metrics dict per optimizer step taken.
+
+    objective "refine": refine.refine_step (selection, rollouts, rewards, GRPO + λ_NTP·NTP, steps).
+    objective "ntp": the baseline with the same rows and the same number of optimizer steps: the batch is cut
+    into steps_per_batch(rcfg) contiguous mini-batches (REFINE's NTP mini-batches, §1.8) and each gets one step.
+    """
+    if objective == "refine":
+        from refine_mini.refine import refine_step
+        metrics = refine_step(model, optimizer, tokens, rcfg, generator, grad_clip)
+        metrics = metrics if isinstance(metrics, list) else [metrics]
+        for m in metrics:
+            check_finite(m, ("ntp_loss", "policy_loss", "loss"))
+        return metrics
+    if objective == "ntp":
+        n_steps = steps_per_batch(rcfg, len(tokens))
+        return [ntp_step(model, optimizer, rows, grad_clip) for rows in torch.tensor_split(tokens, n_steps)]
+    raise ValueError(f"unknown inner objective {objective!r}")
+
+
+def ntp_step(model, optimizer, tokens: torch.Tensor, grad_clip: float) -> dict:
+    """One optimizer step of plain next-token prediction on tokens (B, T)."""
+    t0 = time.perf_counter()
+    loss = ntp_loss(model(tokens)[0], tokens)  # logits (B, T, V) vs tokens shifted by one
+    check_finite({"ntp_loss": loss.item()}, ("ntp_loss",))
+    loss.backward()
+    grad_norm = clip_and_step(model, optimizer, grad_clip)
+    return {"ntp_loss": loss.item(), "grad_norm": grad_norm,
+            "tokens_per_s": tokens.numel() / (time.perf_counter() - t0)}
+
+
+def check_finite(metrics: dict, keys) -> None:
+    for key in keys:
+        value = metrics.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            raise FloatingPointError(f"non-finite {key} ({value}); stopping before the next checkpoint, "
+                                     f"so the last good checkpoint is kept")
+
+
+# ---- run plumbing shared by mid and post ------------------------------------------------------------------------
+
+def base_checkpoint(args, device) -> Path:
+    """--init, else runs/<model>-pretrain; pre-train that base first (saying so) when it does not exist yet."""
+    if getattr(args, "init", None):
+        return Path(args.init)
+    base = Path("runs") / f"{args.model}-pretrain"
+    if not (base / "ckpt.pt").exists():
+        import argparse
+
+        import train  # the CLI's own pre-training entry, so the base is exactly what --regime pretrain makes
+        print(f"no --init and no base checkpoint at {base}/ckpt.pt: pre-training the base model first "
+              f"(as python train.py --model {args.model} --regime pretrain)")
+        pre_args = argparse.Namespace(model=args.model, data=getattr(args, "data", None), seed=args.seed,
+                                      compile=getattr(args, "compile", "off"), max_steps=None, seq_len=None,
+                                      batch_size=None, lr=None, resume=False)
+        base.mkdir(parents=True, exist_ok=True)
+        train.run_pretrain(pre_args, base, torch.device(device))
+    return base
+
+
+class Run:
+    """Model + optimizer + log + checkpointing of one regime run (start, resume, per-step logging, save)."""
+
+    def __init__(self, args, cfg: RegimeConfig, out: Path, device):
+        self.cfg, self.out, self.device = cfg, out, device
+        resume = getattr(args, "resume", False) and (out / "ckpt.pt").exists()
+        ckpt = load_checkpoint(out if resume else base_checkpoint(args, device), expect_mixer=args.model)
+        if not cfg.seq_len:
+            cfg.seq_len = int((ckpt.get("train_config") or {}).get("seq_len") or 512)
+        self.model = model_from_checkpoint(ckpt, device).train()
+        self.optimizer = make_optimizer(self.model, cfg)  # AdamW (β1, β2), decay on matrices, constant LR
+        self.rcfg = refine_config(dict(cfg.refine))
+        self.step, self.opt_steps, self.extra = 0, 0, {}
+        if resume:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            set_rng_state(ckpt["rng"])
+            self.step, self.opt_steps = ckpt["step"], ckpt.get("opt_steps", 0)
+            self.extra = ckpt.get("extra", {})
+            print(f"resuming {out} at step {self.step} ({self.opt_steps} optimizer steps)")
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr  # constant schedule (method.md §2), also after loading a pre-training optimizer
+        resolved = {"regime": cfg.regime, "model": asdict(self.model.cfg), "run": asdict(cfg),
+                    "refine": asdict(self.rcfg), "init": None if resume else str(getattr(args, "init", None) or
+                                                                                  f"runs/{args.model}-pretrain"),
+                    "refine_steps_per_batch": steps_per_batch(self.rcfg, cfg.batch_size)}
+        print("config: " + json.dumps(resolved))
+        (out / "config.json").write_text(json.dumps(resolved, indent=2))
+        self.log = MetricLog(out / "metrics.jsonl", append=resume)
+
+    def record(self, phase: str, metrics: dict) -> None:
+        """One JSONL line per optimizer step."""
+        self.opt_steps += 1
+        line = {"step": self.step + 1, "opt_step": self.opt_steps, "phase": phase, "lr": self.cfg.lr}
+        line.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()
+                     if isinstance(v, (int, float, str, bool))})
+        self.log.write(**line)
+
+    def end_step(self) -> None:
+        self.step += 1
+        if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.max_steps:
+            self.save()
+
+    def save(self) -> None:
+        save_run(self.out, self.model, self.optimizer, self.step, self.model.cfg, self.cfg,
+                 self.cfg.regime, opt_steps=self.opt_steps, objective=self.cfg.objective, extra=self.extra)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def run_regime(args, out: Path, device) -> dict:
+    """train.py's entry for --regime mid|post."""
+    cfg = resolve_config(args)
+    if cfg.regime == "post":
+        from refine_mini.posttrain import run_post
+        return run_post(args, cfg, out, device)
+    return run_mid(args, cfg, out, device)
+
+
+def run_mid(args, cfg: RegimeConfig, out: Path, device) -> dict:
+    """Mid-training: the §1.9 loop (or its NTP baseline) on corpus documents of cfg.seq_len tokens."""
+    from tqdm import tqdm
+
+    from refine_mini.data import make_corpus
+    run = Run(args, cfg, out, device)
+    corpus = make_corpus(getattr(args, "data", None), cfg.seq_len, seed=cfg.seed)  # documents of >= T tokens
+    bar = tqdm(range(run.step, cfg.max_steps), initial=run.step, total=cfg.max_steps,
+               desc=f"mid {cfg.objective} {run.model.cfg.mixer}")
+    last = {}
+    try:
+        for step in bar:
+            tokens = corpus.batch(cfg.batch_size, step_generator(cfg.seed, step, 0))  # (B, T), train split
+            for m in inner_update(run.model, run.optimizer, tokens.to(device), cfg.objective, run.rcfg,
+                                  step_generator(cfg.seed, step, 1, device), cfg.grad_clip):
+                run.record(cfg.objective, m)
+                last = m
+            bar.set_postfix(ntp=f"{last.get('ntp_loss', float('nan')):.3f}", opt_steps=run.opt_steps)
+            run.end_step()
+    finally:
+        run.close()
+    summary = {"steps": run.step, "optimizer_steps": run.opt_steps, "ntp_loss": last.get("ntp_loss")}
+    print(f"done: {out}/ckpt.pt  " + "  ".join(f"{k}={v}" for k, v in summary.items()))
+    return summary

@@ -1,0 +1,129 @@
+"""REFINE steps 1-2: which positions of a document get a rollout? (method.md §1.2, §1.3, §2, §8.6, §9)
+
+One no-grad teacher-forced pass (model.eval()) over the documents gives, at every position t,
+  e_t = H(softmax(logits_t)) in nats: the entropy of predicting x_{t+1}. This is the code's convention (§1.2): the
+        prefix ends at t, so a position is weighted by how uncertain the FIRST rollout token is (the paper's
+        formula is off by one; smoothing hides most of the difference);
+  h_gt(t) = the post-final-norm hidden state after reading x_t: the reward's ground-truth vectors (§1.6, §5).
+The entropy is smoothed by a centred average pool (kernel k if k is odd, else k+1; zero padding counted in the
+mean, as avg_pool1d(count_include_pad=True)). The L real tokens are cut into c chunks of C = floor(L/c) tokens
+(chunk j = [jC, (j+1)C); the last L mod c tokens are never eligible) and one position is drawn per chunk with
+p_j(t) = softmax_{t in chunk j}(ẽ_t / τ), τ = 1, from an explicit torch.Generator.
+Ablations (paper Tab. 7): "uniform" (equal weights, same draw), "argmax" / "argmin" of the UNSMOOTHED entropy.
+
+Deviations and choices:
+- Documents are unpadded 1-D tensors, batched by RIGHT padding. A causal model never lets a later (pad) token
+  change an earlier position, so s0 = 0 and no pad token ever enters a state (§9 "avoid left-padding").
+  Before smoothing the pad positions are zeroed, so the pool sees exactly the zero padding of a lone document.
+- Edge clamp scaled to the document length L. The code clamps the rollout start r = t+1 to [s0+20, S-20] at
+  S = 16384. We use r >= min_prefix = max(1, round(20·L/16384)) and r <= L - end_margin with
+  end_margin = max(k, round(20·L/16384)) >= k, so min_prefix tokens precede the rollout and all k ground-truth
+  tokens x_r..x_{r+k-1} exist. Both are overridable. Clamping can make two chunks pick the same t.
+- τ is a parameter (the paper has one; the code has none, i.e. τ = 1).
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("entropy", "uniform", "argmax", "argmin")
+CLAMP_TOKENS, CLAMP_REF_LEN = 20, 16384  # the official code's clamp: 20 tokens at a 16K context
+
+
+@dataclass
+class Selection:
+    positions: torch.Tensor  # (B, K) long: prefix end t (inclusive); the rollout predicts x_{t+1..t+k}
+    entropy: torch.Tensor  # (B, K) unsmoothed e_t at the selected positions, in nats (for logging)
+
+
+def pad_documents(docs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of 1-D token tensors -> right-padded tokens (B, T_max) and lengths (B,)."""
+    lengths = torch.tensor([len(d) for d in docs], dtype=torch.long)
+    tokens = torch.full((len(docs), int(lengths.max())), pad_id, dtype=torch.long, device=docs[0].device)
+    for b, doc in enumerate(docs):
+        tokens[b, :len(doc)] = doc
+    return tokens, lengths
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run a block with model.eval(), then restore the previous train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def teacher_forced_pass(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, T) -> entropy e (B, T) in nats (e_t = H(p(.|x_<=t))) and post-norm hidden h_gt (B, T, D)."""
+    with eval_mode(model):
+        logits, hidden, _ = model(tokens)  # (B, T, V), (B, T, D)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (B, T, V)
+    entropy = -(logp.exp() * logp).sum(-1)  # H = -sum_v p_v log p_v: (B, T, V) -> (B, T)
+    return entropy, hidden
+
+
+def smoothing_kernel(k: int) -> int:
+    """The code's kernel: k if k is odd, else k+1 (a centred window needs an odd size)."""
+    return k if k % 2 else k + 1
+
+
+def smooth_entropy(entropy: torch.Tensor, lengths: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Centred moving average, zero padding counted: ẽ_t = (1/kernel) sum_{|i| <= kernel//2} e_{t+i}. (B, T) -> (B, T)."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"smoothing kernel must be a positive odd integer, got {kernel}")
+    T = entropy.shape[1]
+    real = torch.arange(T, device=entropy.device)[None, :] < lengths.to(entropy.device)[:, None]  # (B, T)
+    padded = torch.where(real, entropy, torch.zeros_like(entropy))  # pad positions -> the pool's zero padding
+    pooled = F.avg_pool1d(padded[:, None, :], kernel, stride=1, padding=kernel // 2,
+                          count_include_pad=True)  # (B, 1, T) -> (B, 1, T)
+    return pooled[:, 0, :]  # (B, T)
+
+
+def edge_clamp(length: int, k: int, min_prefix: int | None = None,
+               end_margin: int | None = None) -> tuple[int, int]:
+    """Allowed range [lo, hi] of the prefix end t = r - 1 for a document of `length` tokens (see module doc)."""
+    scaled = round(CLAMP_TOKENS * length / CLAMP_REF_LEN)
+    min_prefix = max(1, scaled) if min_prefix is None else min_prefix
+    end_margin = max(k, scaled) if end_margin is None else end_margin
+    if min_prefix < 1 or end_margin < k:
+        raise ValueError(f"need min_prefix >= 1 and end_margin >= k={k}, got {min_prefix} and {end_margin}")
+    lo, hi = min_prefix - 1, length - end_margin - 1  # r in [min_prefix, L - end_margin], t = r - 1
+    if lo > hi:
+        raise ValueError(f"document of {length} tokens is too short for min_prefix={min_prefix}, "
+                         f"end_margin={end_margin}")
+    return lo, hi
+
+
+def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: int, mode: str = "entropy",
+                     tau: float = 1.0, kernel: int | None = None, generator: torch.Generator | None = None,
+                     min_prefix: int | None = None, end_margin: int | None = None) -> Selection:
+    """entropy (B, T) (right-padded), lengths (B,) -> one prefix end per chunk: Selection with (B, c) tensors."""
+    if mode not in MODES:
+        raise ValueError(f"unknown selection mode {mode!r}: choose one of {MODES}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    smoothed = smooth_entropy(entropy, lengths, smoothing_kernel(k) if kernel is None else kernel)  # (B, T)
+    rows = []
+    for b, length in enumerate(lengths.tolist()):
+        C = length // c  # chunk size; the last length mod c tokens are never eligible
+        if C < 1:
+            raise ValueError(f"document {b} has {length} tokens, fewer than c={c} chunks")
+        raw = entropy[b, :c * C].reshape(c, C)  # (c*C,) -> (c, C): row j = chunk [jC, (j+1)C)
+        if mode == "argmax":
+            offset = raw.argmax(dim=1)  # (c,)
+        elif mode == "argmin":
+            offset = raw.argmin(dim=1)  # (c,)
+        else:
+            scores = smoothed[b, :c * C].reshape(c, C) / tau if mode == "entropy" else torch.zeros_like(raw)
+            probs = torch.softmax(scores.float(), dim=1)  # p_j(t) = exp(ẽ_t/τ) / sum_{t' in chunk j} exp(ẽ_t'/τ)
+            offset = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (c, 1) -> (c,)
+        t = offset + torch.arange(c, device=offset.device) * C  # chunk offset -> absolute position, (c,)
+        lo, hi = edge_clamp(length, k, min_prefix, end_margin)
+        rows.append(t.clamp(lo, hi))
+    positions = torch.stack(rows)  # (B, c)
+    return Selection(positions=positions, entropy=entropy.gather(1, positions))  # (B, T) gather (B, c) -> (B, c)

@@ -1,0 +1,220 @@
+"""Text generators shared by the corpus (data.py) and the RULER-style tasks (niah.py, qa.py).
+
+Question answered: where do keys, values, entities, filler prose and the exact surface forms come from, and how do
+we guarantee that evaluation never sees a key, value or entity that pre-training saw?
+
+Surface forms (method.md §6, RULER NIAH / RULER QA; the pre-training corpus uses exactly these strings):
+    needle    " The special magic number for quiet-river is: 4821937."
+    question  "\\nQuestion: What is the special magic number for quiet-river?\\nAnswer:"   -> " 4821937\\n"
+    MV query  "... What are all the special magic numbers for quiet-river?"                -> " 4821937, 1200449\\n"
+    MQ query  "... What are the special magic numbers for quiet-river, old-ship and dry-key?" -> " v1, v2, v3\\n"
+Deviation from RULER: RULER's question reads "What is the special magic number for X mentioned in the provided text?"
+and ends with a restated sentence instead of "Answer:"; we use one short "Question: ...\\nAnswer:" cue for every task
+(NIAH and QA) so that a tiny model learns a single retrieval pattern.
+
+Split disjointness is structural, not seed luck. Each split has a code (train 0, val 1, eval 2) and every generated
+item satisfies a rule that ties it to exactly one code:
+    key      "<adj>-<noun>"          (i_adj + i_noun) % 3 == code
+    value    7-digit number n        n % 3 == code
+    person   "<First> <Last>"        (i_first + i_last) % 3 == code
+    city     "<Prefix><suffix>"      (i_prefix + i_suffix) % 3 == code
+    company  "<Root> <Kind>"         (i_root + i_kind) % 3 == code
+Every word still appears in every split (only the combinations are partitioned), so the eval tokens are all trained.
+Word lists hold no duplicates, so each combination has exactly one index pair (a test checks this).
+"""
+
+import functools
+import random
+from dataclasses import dataclass
+
+from refine_mini.tokenizer import encode
+
+SPLITS = {"train": 0, "val": 1, "eval": 2}
+
+ADJECTIVES = ("quiet bright dark cold warm old young small large green blue red white black happy proud quick slow "
+              "wild soft loud sharp deep tall short sweet fresh early late rich poor simple strong weak heavy dry "
+              "clean empty full hidden lost hot round flat thin thick fair kind huge tiny golden silver brave "
+              "calm").split()
+NOUNS = ("river window table stone tree bird bridge island cloud storm star city village road field house door book "
+         "letter song dream fire water winter summer market school church ship train car king dog cat fish bear "
+         "friend key ring box mountain forest garden horse apple tower ocean valley flower moon lake wolf lion "
+         "mirror clock coin bottle candle lamp shadow").split()
+FIRST_NAMES = ("James Mary John Peter David Paul Mark Robert Thomas Daniel Frank Rose Adam George Louis Martin Anna "
+               "Laura Sarah Emma Alice Helen Grace Clara Henry Julia Simon Lucy Victor Nina Oscar Maria Eva Kate "
+               "Ruth Jane").split()
+LAST_NAMES = ("Smith Brown Miller Wilson Taylor Hall Young King Green Hill Bell Wood Ford Stone West Moore Clark "
+              "Wright Baker Adams Carter Turner Parker Evans Collins Morris Reed Cook Murphy Bailey Cooper Ward Gray "
+              "Fisher Hunt Mason").split()
+CITY_PREFIXES = "Ash Bel Cor Dun El Fair Iron North Pen Red South Fox Gold High Long Glen Hart Mill Oak Elm".split()
+CITY_SUFFIXES = "ton field mouth port stead worth haven ford bury wick dale ham ville".split()
+COMPANY_ROOTS = ("Apex Blue Cedar Delta Echo Falcon Granite Harbor Indigo Jade Maple Nova Orbit Pioneer Quartz "
+                 "Summit Tidal Unity Vertex Willow Zenith Amber Beacon Crown Eagle Fern Global Horizon Ivory "
+                 "Lotus Metro Noble Oasis Pine Royal Star").split()
+COMPANY_KINDS = "Labs Foods Motors Systems Books Energy Games Tools Bank Media Textiles Airlines Farms Steel".split()
+JOBS = ("baker teacher doctor farmer pilot writer painter engineer nurse lawyer driver singer chef builder "
+        "tailor sailor").split()
+
+# RULER's "noise" haystack: these five sentences repeated (RULER niah.py, type_haystack="noise").
+NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                   "There and back again.")
+
+NIAH_HEADER = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+               "I will quiz you about the numbers afterwards.\n")
+QA_INSTRUCTION = ("Answer the question based on the given passages. "
+                  "Only give me the answer and do not output any other words.")
+
+# Prose filler ("essay" haystack): small regular vocabulary, templates, no keys/values/entities in it.
+_P_ADJ = "old quiet small long bright cold warm green dark wide".split()
+_P_NOUN = "river hill road house garden field tree town bridge market forest wall".split()
+_P_VERB = "runs past|stands near|leads to|lies beside|looks over|turns toward".split("|")
+_P_TIME = "In the morning|At night|In winter|In summer|Every day|Later|Long ago|Today".split("|")
+_P_PEOPLE = "the children|the farmers|the workers|the travellers|the old men|the women|the students".split("|")
+_P_ACT = "walk slowly|sing songs|tell stories|rest for a while|talk about the weather|carry bread|read books".split("|")
+
+
+@dataclass
+class Example:
+    """One task instance. `prompt_ids` has exactly `length` tokens and ends with the answer cue "Answer:";
+    `target` is the gold continuation (" v1, v2\n"), used for answer-SFT in post-training."""
+    prompt_ids: list[int]
+    answers: list[str]  # gold strings; NIAH recall counts each, QA needs any one
+    task: str
+    length: int
+    depth: float  # requested depth of the (first) needle / gold passage, 0 = start, 1 = end of the context
+    needle_token_pos: list[int]  # index in prompt_ids of the first token of each needle / gold passage body
+    max_new_tokens: int
+    target: str
+
+
+@functools.lru_cache(maxsize=65536)
+def encode_cached(text: str) -> tuple[int, ...]:
+    """encode() for the short, often repeated sentences of generated text."""
+    return tuple(encode(text))
+
+
+def split_code(split: str) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    return SPLITS[split]
+
+
+def _pair(rng: random.Random, a: list, b: list, code: int) -> tuple[str, str]:
+    """A pair (a[i], b[j]) with (i + j) % 3 == code: i uniform, j uniform among the matching residues."""
+    i = rng.randrange(len(a))
+    js = range((code - i) % 3, len(b), 3)
+    return a[i], b[rng.choice(js)]
+
+
+def make_key(rng: random.Random, split: str) -> str:
+    adj, noun = _pair(rng, ADJECTIVES, NOUNS, split_code(split))
+    return f"{adj}-{noun}"
+
+
+def make_value(rng: random.Random, split: str) -> str:
+    """A 7-digit number n (1000000..9999999) with n % 3 == split code."""
+    return str(3 * rng.randrange(333_334, 3_333_333) + split_code(split))  # 1000002 .. 9999998
+
+
+def make_person(rng: random.Random, split: str) -> str:
+    return " ".join(_pair(rng, FIRST_NAMES, LAST_NAMES, split_code(split)))
+
+
+def make_city(rng: random.Random, split: str) -> str:
+    return "".join(_pair(rng, CITY_PREFIXES, CITY_SUFFIXES, split_code(split)))
+
+
+def make_company(rng: random.Random, split: str) -> str:
+    return " ".join(_pair(rng, COMPANY_ROOTS, COMPANY_KINDS, split_code(split)))
+
+
+def unique(rng: random.Random, make, split: str, n: int, avoid=()) -> list[str]:
+    """n distinct items from generator `make`, none in `avoid` (the pools are large enough for n ≤ 100)."""
+    out, seen = [], set(avoid)
+    for _ in range(200 * n + 100):
+        if len(out) == n:
+            return out
+        x = make(rng, split)
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    raise ValueError(f"cannot draw {n} distinct items for split {split!r}")
+
+
+def is_split_key(key: str, split: str) -> bool:
+    adj, noun = key.split("-")
+    return (ADJECTIVES.index(adj) + NOUNS.index(noun)) % 3 == split_code(split)
+
+
+def is_split_value(value: str, split: str) -> bool:
+    return len(value) == 7 and int(value) % 3 == split_code(split)
+
+
+# ---- surface forms --------------------------------------------------------------------------------------------
+
+def needle_sentence(key: str, value: str) -> str:
+    return f" The special magic number for {key} is: {value}."
+
+
+def join_keys(keys: list[str]) -> str:
+    return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
+
+
+def niah_question(keys: list[str], multi_value: bool = False) -> str:
+    """The query block; the model's answer follows 'Answer:' as ' v1, v2\\n'."""
+    if multi_value:
+        q = f"What are all the special magic numbers for {keys[0]}?"
+    elif len(keys) == 1:
+        q = f"What is the special magic number for {keys[0]}?"
+    else:
+        q = f"What are the special magic numbers for {join_keys(keys)}?"
+    return f"\nQuestion: {q}\nAnswer:"
+
+
+def format_answer(values: list[str]) -> str:
+    return " " + ", ".join(values) + "\n"
+
+
+def person_passage(rng: random.Random, name: str, city: str, job: str, company: str) -> str:
+    """Facts about one person, in one of three phrasings (all tasks accept any of them)."""
+    v = rng.randrange(3)
+    if v == 0:
+        return f"{name} was born in {city}. {name} works as a {job} at {company}."
+    if v == 1:
+        return f"Born in {city}, {name} later became a {job}. Today {name} works at {company}."
+    return f"{name} is a {job} at {company}. The home town of {name} is {city}, where {name} was born."
+
+
+def company_passage(rng: random.Random, company: str, founder: str, city: str, year: int) -> str:
+    if rng.randrange(2) == 0:
+        return f"{company} was founded by {founder} in {year}. The company is based in {city}."
+    return f"In {year}, {founder} founded {company}, a company based in {city}."
+
+
+def qa_question(question: str) -> str:
+    return f"\nQuestion: {question}\nAnswer:"
+
+
+def noise_sentence(i: int) -> str:
+    return " " + NOISE_SENTENCES[i % len(NOISE_SENTENCES)]
+
+
+def prose_sentence(rng: random.Random) -> str:
+    """One sentence of the built-in 'essay' filler: regular, small vocabulary, never a key/value/entity."""
+    a, n, n2 = rng.choice(_P_ADJ), rng.choice(_P_NOUN), rng.choice(_P_NOUN)
+    v = rng.randrange(4)
+    if v == 0:
+        return f" The {a} {n} {rng.choice(_P_VERB)} the {n2}."
+    if v == 1:
+        return f" {rng.choice(_P_TIME)}, {rng.choice(_P_PEOPLE)} {rng.choice(_P_ACT)} by the {n}."
+    if v == 2:
+        return f" There is a {a} {n} near the {rng.choice(_P_ADJ)} {n2}."
+    return f" {rng.choice(_P_TIME)} the {n} was {a}, and {rng.choice(_P_PEOPLE)} {rng.choice(_P_ACT)}."
+
+
+def filler_sentence(rng: random.Random, haystack: str, i: int) -> str:
+    """Sentence i of a haystack: 'noise' (RULER's repeated five sentences) or 'essay' (prose_sentence)."""
+    if haystack == "noise":
+        return noise_sentence(i)
+    if haystack == "essay":
+        return prose_sentence(rng)
+    raise ValueError(f"unknown haystack {haystack!r}; expected 'noise' or 'essay'")

@@ -1,0 +1,144 @@
+"""Next-token-prediction pre-training, and the optimizer/checkpoint plumbing every regime shares.
+
+Question answered: how do we get a small pre-trained fast-weight LM to start REFINE from, when nothing can be
+downloaded? (method.md §9: "a tiny DeltaNet pre-trained briefly with NTP on a small corpus".)
+
+The loop is the classic one: AdamW, linear warm-up then cosine decay, gradient-norm clipping, a validation loss,
+one JSONL metrics line per step, atomic checkpoints. Two properties are load-bearing:
+- Resume is exact on CPU: the batch of step s is drawn from a generator seeded by (seed, s), and the checkpoint
+  holds model, optimizer, step and RNG states, so a killed-and-resumed run ends with the same weights.
+- A NaN/inf loss stops the run with a message *before* anything is saved, so the last good checkpoint survives.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from refine_mini.common import MetricLog, load_checkpoint, rng_state, run_dir, save_checkpoint, set_rng_state
+from refine_mini.model import FastWeightLM, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300  # optimizer steps
+    batch_size: int = 8  # sequences per step
+    seq_len: int = 512  # tokens per sequence
+    lr: float = 3e-3  # peak learning rate (tiny models from scratch want a large one)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30  # linear warm-up
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not on norms/biases/vectors)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm
+    eval_every: int = 50  # steps between validation losses
+    eval_batches: int = 4  # validation batches (fixed, drawn once)
+    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+    seed: int = 0  # drives the model init, the data stream and every sampler
+    compile: bool = False  # torch.compile the model (auto: on for CUDA, off for CPU)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on >=2-D weights only (norm gains, biases and 1-D vectors are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def ntp_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (B, T, V) at position t predict tokens[:, t+1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())  # (B*(T-1), V) vs (B*(T-1),)
+
+
+def clip_and_step(model, optimizer, grad_clip: float) -> float:
+    """Clip the global grad norm, then step -- unless the norm is not finite, in which case skip the step."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def save_run(out: Path, model, optimizer, step: int, model_cfg: ModelConfig, train_cfg, regime: str, **extra):
+    save_checkpoint(out / "ckpt.pt", {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state(),
+        "model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "regime": regime, **extra})
+
+
+def model_from_checkpoint(ckpt: dict, device) -> FastWeightLM:
+    model = FastWeightLM(ModelConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: list[torch.Tensor]) -> float:
+    model.eval()
+    losses = [ntp_loss(model(b)[0], b).item() for b in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device, resume: bool = False) -> dict:
+    """NTP pre-training. Returns the final metrics. `corpus` is a data.Corpus of cfg.seq_len-token rows."""
+    out = run_dir(out)
+    torch.manual_seed(cfg.seed)
+    model = FastWeightLM(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resume and (out / "ckpt.pt").exists():
+        ckpt = load_checkpoint(out, expect_mixer=model_cfg.mixer)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        print(f"resuming {out} at step {start}")
+    (out / "config.json").write_text(json.dumps({"regime": "pretrain", "model": asdict(model_cfg),
+                                                  "train": asdict(cfg)}, indent=2))
+    forward = torch.compile(model) if cfg.compile else model
+    val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]]
+    log = MetricLog(out / "metrics.jsonl", append=start > 0)
+    metrics = {}
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"pretrain {model_cfg.mixer}")
+    for step in bar:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        tokens = corpus.batch(cfg.batch_size, _step_generator(cfg.seed, step)).to(device)  # (B, T)
+        loss = ntp_loss(forward(tokens)[0], tokens)
+        if not torch.isfinite(loss):
+            log.close()
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; "
+                                     f"the last good checkpoint in {out} is kept")
+        loss.backward()
+        grad_norm = clip_and_step(model, optimizer, cfg.grad_clip)
+        dt = time.perf_counter() - t0
+        metrics = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg),
+                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens.numel() / dt, 1)}
+        if val and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            metrics["val_loss"] = round(evaluate_loss(model, val), 5)
+        log.write(**metrics)
+        bar.set_postfix(loss=f"{loss.item():.3f}", **({"val": metrics["val_loss"]} if "val_loss" in metrics else {}))
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            save_run(out, model, optimizer, step + 1, model_cfg, cfg, "pretrain")
+    log.close()
+    return metrics
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """The data generator of one step: a pure function of (seed, step), which is what makes resume exact."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 7)

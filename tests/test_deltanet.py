@@ -1,0 +1,280 @@
+"""Property tests for the delta-rule kernels and the DeltaNet layer (fast-weights.md §5 invariants 1-7, 9).
+
+The token-by-token recurrence is the oracle; every test states one invariant. Kernel inputs use unit-norm keys and
+beta in (0, 1) (pitfall 4). Relative error is ‖a − b‖ / ‖b‖.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refine_mini.delta_rule import _unit_lower_inverse
+from refine_mini.deltanet import DeltaNet, DeltaNetState, delta_rule_chunked, delta_rule_recurrent
+
+F64, F32 = torch.float64, torch.float32
+TOL = {F64: 1e-10, F32: 1e-5}
+# lengths: primes, chunk-size neighbours (C ± 1 for C in 8, 16, 64) and anything small
+LENGTHS = st.one_of(st.sampled_from([1, 2, 3, 7, 13, 31, 37, 63, 65, 97, 127, 7, 9, 15, 17]), st.integers(1, 80))
+CHUNKS = st.sampled_from([1, 2, 3, 5, 8, 16, 17, 64, 200])
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def inputs(B, H, T, Dk, Dv, dtype=F64, seed=0, grad=False):
+    """Unit-norm q, k; v ~ N(0,1); beta in (0,1); S0 ~ N(0,1) (fp32 unless fp64 inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=F64), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=F64)
+    beta = torch.rand(B, H, T, generator=g, dtype=F64) * 0.98 + 0.01
+    S0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=F64)
+    xs = [q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), S0.to(F64 if dtype == F64 else F32)]
+    return [x.requires_grad_(grad) for x in xs]
+
+
+shapes = st.tuples(st.integers(1, 2), st.integers(1, 2), LENGTHS, st.integers(1, 9), st.integers(1, 9))
+
+
+# ----------------------------------------------------------------------------------------------- kernel: forward
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
+@given(shape=shapes, C=CHUNKS, with_state=st.booleans(), seed=st.integers(0, 99))
+def test_chunked_equals_recurrent(dtype, shape, C, with_state, seed):
+    """chunk(C) == recurrence for every C (dividing T or not), outputs and final state, with or without S0."""
+    q, k, v, b, S0 = inputs(*shape, dtype=dtype, seed=seed)
+    S0 = S0 if with_state else None
+    o_r, S_r = delta_rule_recurrent(q, k, v, b, initial_state=S0)
+    o_c, S_c = delta_rule_chunked(q, k, v, b, chunk_size=C, initial_state=S0)
+    assert o_c.shape == o_r.shape == (*shape[:3], shape[4]) and S_c.shape == (*shape[:2], shape[3], shape[4])
+    assert o_c.dtype == dtype and S_c.dtype == (F64 if dtype == F64 else F32)
+    assert rel(o_c, o_r) < TOL[dtype] and rel(S_c, S_r) < TOL[dtype]
+
+
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 40), st.integers(1, 6),
+                       st.integers(1, 6)), C=CHUNKS, seed=st.integers(0, 99))
+def test_gradients_equal(shape, C, seed):
+    """Gradients w.r.t. q, k, v, beta, S0 of sum(o*do) + sum(S*dS) agree between chunked and recurrent (fp64)."""
+    xs = inputs(*shape, seed=seed, grad=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(*shape[:3], shape[4], generator=g, dtype=F64)
+    dS = torch.randn(*shape[:2], shape[3], shape[4], generator=g, dtype=F64)
+    grads = []
+    for fn in (delta_rule_recurrent, lambda *a, **kw: delta_rule_chunked(*a, chunk_size=C, **kw)):
+        o, S = fn(*xs[:4], initial_state=xs[4])
+        grads.append(torch.autograd.grad((o * do).sum() + (S * dS).sum(), xs))
+    for name, gr, gc in zip("q k v beta S0".split(), *grads):
+        assert rel(gc, gr) < 1e-9, name
+
+
+def test_gradcheck_chunked_and_ut_inverse():
+    """torch.autograd.gradcheck (fp64, tiny; fast_mode for the op) on the chunked op (ragged last chunk) and on the
+    UT inverse."""
+    q, k, v, b, S0 = inputs(1, 1, 5, 3, 2, grad=True)
+    assert torch.autograd.gradcheck(lambda *a: delta_rule_chunked(*a[:4], chunk_size=2, initial_state=a[4]),
+                                     (q, k, v, b, S0), fast_mode=True)
+    A = torch.tril(torch.randn(2, 5, 5, dtype=F64) * 0.3, -1).requires_grad_()
+    assert torch.autograd.gradcheck(_unit_lower_inverse, (A,))
+
+
+def test_none_state_equals_zeros():
+    """initial_state=None == zeros, for both kernels."""
+    q, k, v, b, S0 = inputs(2, 2, 21, 4, 5)
+    for fn in (delta_rule_recurrent, lambda *a, **kw: delta_rule_chunked(*a, chunk_size=8, **kw)):
+        o0, S_0 = fn(q, k, v, b)
+        oz, S_z = fn(q, k, v, b, initial_state=torch.zeros_like(S0))
+        assert torch.equal(o0, oz) and torch.equal(S_0, S_z)
+
+
+@given(T=st.integers(2, 70), data=st.data(), C=CHUNKS, seed=st.integers(0, 99))
+def test_segment_invariance(T, data, C, seed):
+    """Splitting anywhere and carrying the state equals one pass: chunked->chunked, chunked->recurrent, and
+    token-by-token recurrent."""
+    s = data.draw(st.integers(1, T - 1), label="split")
+    q, k, v, b, S0 = inputs(2, 2, T, 5, 3, seed=seed)
+    o_full, S_full = delta_rule_chunked(q, k, v, b, chunk_size=C, initial_state=S0)
+    first, rest = (slice(0, s), slice(s, T))
+    seg = lambda x, sl: x[:, :, sl]  # noqa: E731
+    o1, S1 = delta_rule_chunked(*(seg(x, first) for x in (q, k, v, b)), chunk_size=C, initial_state=S0)
+    for second in (lambda *a, **kw: delta_rule_chunked(*a, chunk_size=C, **kw), delta_rule_recurrent):
+        o2, S2 = second(*(seg(x, rest) for x in (q, k, v, b)), initial_state=S1)
+        assert rel(torch.cat([o1, o2], 2), o_full) < 1e-10 and rel(S2, S_full) < 1e-10
+    S, outs = S0, []
+    for t in range(T):
+        o_t, S = delta_rule_recurrent(*(seg(x, slice(t, t + 1)) for x in (q, k, v, b)), initial_state=S)
+        outs.append(o_t)
+    assert rel(torch.cat(outs, 2), o_full) < 1e-10 and rel(S, S_full) < 1e-10
+
+
+@given(T=st.integers(2, 50), data=st.data(), C=CHUNKS)
+def test_kernel_causality(T, data, C):
+    """Perturbing q, k, v, beta at t' > t leaves o_{<=t} unchanged (chunked kernel)."""
+    t = data.draw(st.integers(0, T - 2), label="t")
+    q, k, v, b, S0 = inputs(1, 2, T, 4, 3)
+    o, _ = delta_rule_chunked(q, k, v, b, chunk_size=C, initial_state=S0)
+    q2, k2, v2, b2 = (x.clone() for x in (q, k, v, b))
+    q2[:, :, t + 1:] = F.normalize(torch.randn_like(q2[:, :, t + 1:]), dim=-1)
+    k2[:, :, t + 1:] = F.normalize(torch.randn_like(k2[:, :, t + 1:]), dim=-1)
+    v2[:, :, t + 1:] += 3.0
+    b2[:, :, t + 1:] = 0.5
+    o2, _ = delta_rule_chunked(q2, k2, v2, b2, chunk_size=C, initial_state=S0)
+    assert (o2[:, :, : t + 1] - o[:, :, : t + 1]).abs().max() <= 1e-12
+    assert (o2[:, :, t + 1:] - o[:, :, t + 1:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("C", [1, 4, 64])
+def test_beta_zero_is_read_only(C):
+    """beta = 0: the state is unchanged and o_t = scale · qᵀ S0."""
+    q, k, v, b, S0 = inputs(2, 3, 19, 6, 4)
+    o, S = delta_rule_chunked(q, k, v, torch.zeros_like(b), chunk_size=C, initial_state=S0, scale=0.7)
+    assert rel(S, S0) < 1e-14
+    assert rel(o, 0.7 * q @ S0) < 1e-12                     # (B,H,T,Dk)@(B,H,Dk,Dv) -> (B,H,T,Dv)
+
+
+@pytest.mark.parametrize("C", [3, 8, 64])
+def test_zero_tail_padding_is_noop(C):
+    """Appending rows with k = 0, beta = 0 changes neither the earlier outputs nor the final state."""
+    q, k, v, b, S0 = inputs(2, 2, 13, 5, 3)
+    o, S = delta_rule_chunked(q, k, v, b, chunk_size=C, initial_state=S0)
+    pad = lambda x, val: torch.cat([x, torch.full_like(x[:, :, :6], val)], 2)  # noqa: E731
+    o_p, S_p = delta_rule_chunked(pad(q, 0.3), pad(k, 0.0), pad(v, 1.0), pad(b, 0.0), chunk_size=C, initial_state=S0)
+    assert torch.equal(S_p, S) or rel(S_p, S) < 1e-15
+    assert rel(o_p[:, :, :13], o) < 1e-15
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 16, 24, 64])
+def test_ut_identities(C):
+    """(I + A) T = I; I − KᵀW == ordered product of (I − b k kᵀ) (newest left); KᵀU == chunk recurrence from 0."""
+    _, k, v, b, _ = inputs(1, 1, C, 8, 3, seed=C)
+    k, v, b = k[0, 0], v[0, 0], b[0, 0]                      # (C,Dk), (C,Dv), (C,)
+    A = torch.tril(b[:, None] * (k @ k.T), -1)               # (C,C)
+    Tm = _unit_lower_inverse(A[None])[0]                      # (C,C)
+    eye_c, eye_k = torch.eye(C, dtype=F64), torch.eye(8, dtype=F64)
+    assert (((eye_c + A) @ Tm) - eye_c).abs().max() < 1e-12
+    assert torch.equal(torch.triu(Tm, 1), torch.zeros_like(Tm)) and torch.equal(Tm.diagonal(), torch.ones(C, dtype=F64))
+    W, U = Tm @ (b[:, None] * k), Tm @ (b[:, None] * v)      # (C,Dk), (C,Dv)
+    P = eye_k
+    for i in range(C):
+        P = (eye_k - b[i] * torch.outer(k[i], k[i])) @ P
+    assert (eye_k - k.T @ W - P).abs().max() < 1e-12
+    _, S_rec = delta_rule_recurrent(*(x[None, None] for x in (k, k, v, b)))
+    assert (k.T @ U - S_rec[0, 0]).abs().max() < 1e-12
+
+
+def test_dynamo_no_graph_break():
+    """torch.compile(fullgraph=True) could take the chunked kernel whole: dynamo reports no graph break."""
+    import torch._dynamo
+    q, k, v, b, S0 = inputs(1, 2, 40, 8, 8, dtype=F32)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(delta_rule_chunked)(q, k, v, b, chunk_size=16, initial_state=S0)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, None])
+def test_bad_chunk_size_raises(bad):
+    """chunk_size < 1 (or not an int) raises ValueError; so does an empty sequence."""
+    q, k, v, b, _ = inputs(1, 1, 5, 2, 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        delta_rule_chunked(q, k, v, b, chunk_size=bad)
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        delta_rule_chunked(q[:, :, :0], k[:, :, :0], v[:, :, :0], b[:, :, :0])
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    """bf16 in -> bf16 out, fp32 state; error vs fp64 is within bf16 rounding of the inputs."""
+    q, k, v, b, S0 = inputs(1, 2, 100, 16, 16)
+    o_ref, S_ref = delta_rule_recurrent(q, k, v, b, initial_state=S0)
+    lo = [x.bfloat16() for x in (q, k, v, b)]
+    o, S = delta_rule_chunked(*lo, chunk_size=32, initial_state=S0.float())
+    assert o.dtype == torch.bfloat16 and S.dtype == F32
+    o_r, _ = delta_rule_recurrent(*lo, initial_state=S0.float())
+    assert rel(o.double(), o_ref) < 3 * rel(o_r.double(), o_ref) + 1e-3 and rel(S.double(), S_ref) < 5e-2
+
+
+# ------------------------------------------------------------------------------------------------------ layer
+def make_layer(recurrent_below=64, chunk_size=8, Dk=6, Dv=5):
+    torch.manual_seed(0)
+    layer = DeltaNet(d_model=12, n_heads=2, head_dim_k=Dk, head_dim_v=Dv, chunk_size=chunk_size,
+                     recurrent_below=recurrent_below).double()
+    with torch.no_grad():                       # larger weights than the 0.02 init so the test sees real signal
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer
+
+
+@given(T=st.integers(2, 80), data=st.data(), below=st.sampled_from([0, 5, 64]))
+def test_layer_streaming_equals_full(T, data, below):
+    """Any segmentation of a sequence (state carried, conv gets its cached left context) == one full call."""
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, T - 1), max_size=4), label="cuts")))
+    layer = make_layer(recurrent_below=below)
+    x = torch.randn(2, T, 12, dtype=F64, generator=torch.Generator().manual_seed(T))
+    y_full, st_full = layer(x)
+    ys, state = [], None
+    for a, b in zip([0] + cuts, cuts + [T]):
+        y, state = layer(x[:, a:b], state)
+        ys.append(y)
+    assert rel(torch.cat(ys, 1), y_full) < 1e-10 and rel(state.S, st_full.S) < 1e-10
+    assert rel(state.conv, st_full.conv) < 1e-12
+
+
+def test_layer_prefill_then_decode():
+    """Prefill (chunked path, T > recurrent_below) then token-by-token decode == one full call."""
+    layer = make_layer(recurrent_below=16)
+    x = torch.randn(2, 40, 12, dtype=F64, generator=torch.Generator().manual_seed(1))
+    y_full, st_full = layer(x)
+    y, state = layer(x[:, :25])
+    ys = [y]
+    for t in range(25, 40):
+        y, state = layer(x[:, t:t + 1], state)
+        ys.append(y)
+    assert rel(torch.cat(ys, 1), y_full) < 1e-10 and rel(state.S, st_full.S) < 1e-10
+    assert state.S.shape == (2, 2, 6, 5) and state.conv.shape == (2, 3, 2 * 12 + 10)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 100])
+def test_layer_kernel_switch_agrees(T):
+    """Both sides of the recurrent/chunked switch agree (fp32 default dtype, default recurrent_below=64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, T, 32)
+    chunked = DeltaNet(32, 2, recurrent_below=0)
+    recurrent = DeltaNet(32, 2, recurrent_below=10**9)
+    default = DeltaNet(32, 2)
+    recurrent.load_state_dict(chunked.state_dict())
+    default.load_state_dict(chunked.state_dict())
+    (yc, sc), (yr, sr), (yd, sd) = chunked(x), recurrent(x), default(x)
+    assert rel(yc, yr) < 1e-5 and rel(sc.S, sr.S) < 1e-5 and rel(yd, yr) < 1e-5
+    assert sc.S.dtype == F32
+
+
+def test_layer_causality_and_conv_cache():
+    """Perturbing x at t' leaves y_{<t'} unchanged; the conv cache is the last W-1 pre-conv inputs,
+    left zero-padded when fewer tokens were seen."""
+    layer = make_layer(recurrent_below=0)
+    x = torch.randn(1, 30, 12, dtype=F64)
+    y, _ = layer(x)
+    x2 = x.clone()
+    x2[:, 17:] += 1.0
+    y2, _ = layer(x2)
+    assert (y2[:, :17] - y[:, :17]).abs().max() <= 1e-12 and (y2[:, 17:] - y[:, 17:]).abs().max() > 1e-3
+    _, state = layer(x[:, :1])
+    proj = torch.cat([layer.q_proj(x[:, :1]), layer.k_proj(x[:, :1]), layer.v_proj(x[:, :1])], -1)
+    assert torch.equal(state.conv[:, :2], torch.zeros_like(state.conv[:, :2]))
+    assert torch.allclose(state.conv[:, 2:], proj)
+    assert isinstance(state, DeltaNetState)
+
+
+def test_layer_gradients_flow_to_params_and_state():
+    """The layer is differentiable w.r.t. its parameters and the incoming state (as REFINE training needs)."""
+    layer = make_layer(recurrent_below=4)
+    x = torch.randn(2, 11, 12, dtype=F64)
+    S0 = torch.randn(2, 2, 6, 5, dtype=F64, requires_grad=True)
+    conv0 = torch.randn(2, 3, 34, dtype=F64, requires_grad=True)
+    y, state = layer(x, DeltaNetState(S=S0, conv=conv0))
+    (y.square().sum() + state.S.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    assert S0.grad.abs().sum() > 0 and conv0.grad.abs().sum() > 0
+    assert math.isfinite(y.sum().item())

@@ -1,0 +1,131 @@
+"""Model-level invariants: carried state == one pass, independent clones, cached generation == naive generation."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from refine_mini.model import FastWeightLM, ModelConfig, ModelState
+
+MIXERS = ["deltanet", "lact"]
+
+
+def tiny(mixer: str, **kw) -> FastWeightLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(mixer=mixer, vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_heads_fast=2,
+                      chunk_size=8, lact_chunk=8, window=8, **kw)
+    return FastWeightLM(cfg).double().eval()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_forward_returns_per_token_logits_hidden_and_state(mixer):
+    model = tiny(mixer)
+    tokens = torch.randint(0, 64, (3, 21))
+    logits, hidden, state = model(tokens)
+    assert logits.shape == (3, 21, 64) and logits.dtype == torch.float32
+    assert hidden.shape == (3, 21, 32)
+    assert isinstance(state, ModelState) and len(state.layers) == 2
+    # hidden is post-final-norm: the LM head applied to it gives the logits
+    assert torch.allclose(model.lm_head(hidden).float(), logits)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@settings(max_examples=6, deadline=None)
+@given(cuts=st.lists(st.integers(1, 40), min_size=1, max_size=4, unique=True))
+def test_processing_a_then_b_with_carried_state_equals_processing_ab(mixer, cuts):
+    model = tiny(mixer)
+    tokens = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(1))
+    full_logits, full_hidden, full_state = model(tokens)
+    bounds = [0, *sorted(cuts), 41]
+    state, pieces = None, []
+    for a, b in zip(bounds, bounds[1:]):
+        logits, _, state = model(tokens[:, a:b], state)
+        pieces.append(logits)
+    assert rel(torch.cat(pieces, 1), full_logits) < 1e-9
+    for s_full, s_seg in zip(full_state.layers, state.layers):
+        for name, value in vars(s_full).items():
+            if isinstance(value, torch.Tensor) and value.numel():
+                assert rel(getattr(s_seg, name), value) < 1e-9, name
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_token_by_token_equals_one_pass(mixer):
+    model = tiny(mixer)
+    tokens = torch.randint(0, 64, (2, 19))
+    full_logits, _, _ = model(tokens)
+    state, pieces = None, []
+    for t in range(19):
+        logits, _, state = model(tokens[:, t:t + 1], state)
+        pieces.append(logits)
+    assert rel(torch.cat(pieces, 1), full_logits) < 1e-9
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_clones_are_independent_and_select_repeat_pick_rows(mixer):
+    model = tiny(mixer)
+    prefix = torch.randint(0, 64, (2, 13))
+    _, _, state = model(prefix)
+    fork_a, fork_b = state.clone(), state.clone()
+    next_a, next_b = torch.tensor([[5], [6]]), torch.tensor([[7], [8]])
+    _, _, fork_a = model(next_a, fork_a)  # advancing one fork ...
+    logits_b, _, _ = model(next_b, fork_b)  # ... leaves the other exactly where it was
+    expected_b, _, _ = model(torch.cat([prefix, next_b], 1))
+    assert rel(logits_b[:, -1], expected_b[:, -1]) < 1e-9
+    # a state tensor of one fork is never the same storage as another's
+    for la, lb in zip(fork_a.layers, fork_b.layers):
+        for name, value in vars(la).items():
+            if isinstance(value, torch.Tensor) and value.numel():
+                assert value.data_ptr() != getattr(lb, name).data_ptr()
+    group = state.repeat_interleave(3)  # rows (0, 0, 0, 1, 1, 1)
+    picked = state.select(torch.tensor([1, 0]))
+    token = torch.tensor([[9], [9], [9], [9], [9], [9]])
+    logits_group, _, _ = model(token, group)
+    logits_picked, _, _ = model(token[:2], picked)
+    assert torch.allclose(logits_group[3], logits_picked[0]) and torch.allclose(logits_group[0], logits_picked[1])
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_clone_keeps_the_graph_and_detach_cuts_it(mixer):
+    model = tiny(mixer)
+    _, _, state = model(torch.randint(0, 64, (1, 11)))
+    logits, _, _ = model(torch.tensor([[3]]), state.clone())
+    logits.sum().backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    _, _, state = model(torch.randint(0, 64, (1, 11)))
+    detached = state.detach()
+    assert all(not v.requires_grad for layer in detached.layers for v in vars(layer).values()
+               if isinstance(v, torch.Tensor))
+
+
+def naive_greedy(model, prompt, n):
+    """Re-run the whole prefix for every new token: slow and obviously correct."""
+    tokens = prompt
+    for _ in range(n):
+        logits, _, _ = model(tokens)
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return tokens[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_cached_greedy_generation_equals_naive_generation(mixer):
+    model = tiny(mixer)
+    prompt = torch.randint(0, 64, (3, 10))
+    fast, _ = model.generate(prompt, max_new_tokens=12, temperature=0)
+    assert torch.equal(fast, naive_greedy(model, prompt, 12))
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_sampling_is_reproducible_from_the_generator_alone(mixer):
+    model = tiny(mixer)
+    prompt = torch.randint(0, 64, (4, 9))
+    draws = [model.generate(prompt, 8, 1.0, torch.Generator().manual_seed(s))[0] for s in (3, 3, 4)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_unknown_mixer_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model"):
+        ModelConfig(mixer="mamba")

@@ -1,0 +1,130 @@
+"""Rollouts from forked prefix states (method.md §1.4-1.5, §9; house style rule 6)."""
+import pytest
+import torch
+
+from refine_mini.model import FastWeightLM, ModelConfig
+from refine_mini.rollout import (can_stack, document_forward, fork, rollout_logp, rollouts_forked,
+                                 rollouts_reference, segmented_forward)
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
+MIXERS = ["deltanet", "lact"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on a shared 2-core machine are ~1000x faster single-threaded (no OpenMP spin contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(mixer, seed=0):
+    torch.manual_seed(seed)
+    model = FastWeightLM(ModelConfig(mixer=mixer, **TINY))
+    docs = [torch.randint(0, 64, (40,)), torch.randint(0, 64, (33,))]
+    positions = torch.tensor([[5, 17, 17, 30], [3, 9, 20, 27]])  # includes a repeated position
+    return model, docs, positions
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_segmented_pass_equals_full_pass_and_prefix_encoding(mixer):
+    """One streaming pass split at the positions gives the full-document logits, and each snapshot continues exactly
+    like the prefix encoded from scratch (the state after x_0..x_t)."""
+    model, docs, positions = make(mixer)
+    with torch.no_grad():
+        logits, hidden, snaps = segmented_forward(model, docs[0], positions[0])
+        full_logits, full_hidden, _ = model(docs[0][None])
+        torch.testing.assert_close(logits, full_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, full_hidden[0], atol=1e-5, rtol=1e-5)
+        probe = torch.tensor([[7, 11]])
+        for t, snap in zip(positions[0].tolist(), snaps):
+            from_snapshot = model(probe, snap)[0]
+            from_scratch = model(torch.cat([docs[0][None, :t + 1], probe], 1))[0][:, -2:]
+            torch.testing.assert_close(from_snapshot, from_scratch, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_forked_rollouts_have_exactly_k_tokens_and_correct_logp_and_hidden(mixer):
+    """Shapes (B·K·n, k); row order doc-major; old_logp and h_pred equal a from-scratch forward over [prefix; rollout]."""
+    model, docs, positions = make(mixer)
+    k, n = 3, 2
+    ro = rollouts_forked(model, docs, positions, k, n, torch.Generator().manual_seed(0))
+    N = 2 * 4 * n
+    assert ro.tokens.shape == (N, k) and ro.old_logp.shape == (N, k) and ro.h_pred.shape == (N, k, 32)
+    assert ro.doc.tolist() == [0] * 8 + [1] * 8
+    assert ro.pos.tolist() == positions.reshape(-1).repeat_interleave(n).tolist()
+    assert not ro.old_logp.requires_grad and not ro.h_pred.requires_grad
+    with torch.no_grad():
+        for row in range(N):
+            t, doc = int(ro.pos[row]), docs[int(ro.doc[row])]
+            logits, hidden, _ = model(torch.cat([doc[:t + 1], ro.tokens[row]])[None])
+            logp = torch.log_softmax(logits[0, t:t + k], -1).gather(1, ro.tokens[row, :, None])[:, 0]
+            torch.testing.assert_close(ro.old_logp[row], logp, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ro.h_pred[row], hidden[0, t + 1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_reference_rollouts_match_their_own_recomputation_and_shapes(mixer):
+    """The re-encoding path returns the same structure; its old_logp equals the attached-snapshot log-probs."""
+    model, docs, positions = make(mixer)
+    ro = rollouts_reference(model, docs, positions, 3, 1, torch.Generator().manual_seed(0))
+    assert ro.tokens.shape == (8, 3) and ro.h_pred.shape == (8, 3, 32)
+    with torch.no_grad():
+        fwd = document_forward(model, docs, positions)
+        logp = rollout_logp(model, fwd.first_logits, fwd.snapshots, ro.tokens, ro.n)
+    torch.testing.assert_close(logp, ro.old_logp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_same_seed_gives_same_rollouts(mixer):
+    model, docs, positions = make(mixer)
+    a = rollouts_forked(model, docs, positions, 3, 2, torch.Generator().manual_seed(3))
+    b = rollouts_forked(model, docs, positions, 3, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.old_logp, b.old_logp)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_forked_states_are_independent(mixer):
+    """Forks of one prefix state share no memory: writing into fork 0 changes neither fork 1 nor the original,
+    and fork 1 still decodes exactly as the original state does."""
+    model, docs, positions = make(mixer)
+    with torch.no_grad():
+        _, _, snaps = segmented_forward(model, docs[0], positions[0])
+        original = snaps[1]
+        before = original.clone()
+        forks = fork(original, 2)
+        for layer in forks.layers:
+            for value in vars(layer).values():
+                if isinstance(value, torch.Tensor) and value.numel():
+                    value[0].add_(1.0)  # corrupt fork 0 only
+        for layer, layer_before, layer_fork in zip(original.layers, before.layers, forks.layers):
+            for name, value in vars(layer).items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, getattr(layer_before, name))
+                    assert torch.equal(getattr(layer_fork, name)[1:], value)
+        token = torch.tensor([[5], [5]])
+        out_fork = model(token, forks)[0]
+        out_orig = model(token[:1], original)[0]
+        torch.testing.assert_close(out_fork[1], out_orig[0])
+        assert not torch.allclose(out_fork[0], out_orig[0])
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_rows_of_a_group_draw_different_first_tokens(mixer):
+    """n samples of one prefix must each draw their own x̂_1. Regression guard for the classic bug of sampling the
+    first token once from the prefix logits and broadcasting it to every fork (nanochat test_engine.py 158-198):
+    the GRPO group would then share its first token and the advantage would see no variety there."""
+    model, docs, positions = make(mixer)
+    ro = rollouts_forked(model, docs[:1], positions[:1, :1], 2, 16, torch.Generator().manual_seed(0))
+    assert ro.tokens.shape == (16, 2)
+    assert len(set(ro.tokens[:, 0].tolist())) > 1
+
+
+def test_deltanet_states_stack_and_lact_states_at_different_positions_do_not():
+    """DeltaNet forks of the whole batch decode as one batch; LaCT (int pos, ragged buffers) decodes per prefix."""
+    for mixer, expected in (("deltanet", True), ("lact", False)):
+        model, docs, positions = make(mixer)
+        with torch.no_grad():
+            fwd = document_forward(model, docs, positions)
+        assert can_stack(fwd.snapshots) is expected

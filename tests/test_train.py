@@ -1,0 +1,148 @@
+"""Pre-training plumbing: checkpoints, exact resume, the NaN guard, overfitting, and the CLI's bad-input exits."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import train
+from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint
+from refine_mini.model import FastWeightLM, ModelConfig
+from refine_mini.trainer import TrainConfig, lr_at, model_from_checkpoint, ntp_loss, pretrain
+
+
+class RandomCorpus:
+    """Uniform random tokens: the batch is a pure function of the generator, like the real corpus."""
+
+    def __init__(self, vocab=64, seq_len=24):
+        self.vocab, self.seq_len = vocab, seq_len
+
+    def batch(self, batch_size, generator):
+        return torch.randint(0, self.vocab, (batch_size, self.seq_len), generator=generator)
+
+    def val_batches(self, batch_size):
+        return [self.batch(batch_size, torch.Generator().manual_seed(123))]
+
+
+def tiny_cfg(mixer="deltanet"):
+    return ModelConfig(mixer=mixer, vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_heads_fast=2,
+                       chunk_size=8, lact_chunk=8, window=8)
+
+
+def short_run(**kw):
+    return TrainConfig(max_steps=6, batch_size=2, seq_len=24, lr=1e-2, warmup_steps=2, eval_every=3,
+                       eval_batches=1, ckpt_every=3, **kw)
+
+
+@pytest.mark.parametrize("mixer", ["deltanet", "lact"])
+def test_checkpoint_round_trip_restores_identical_logits(tmp_path, mixer):
+    model = FastWeightLM(tiny_cfg(mixer))
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config":
+                                           dataclasses.asdict(model.cfg), "step": 0})
+    ckpt = load_checkpoint(tmp_path, expect_mixer=mixer)
+    restored = model_from_checkpoint(ckpt, "cpu")
+    tokens = torch.randint(0, 64, (2, 17))
+    assert torch.equal(model(tokens)[0], restored(tokens)[0])
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    model = FastWeightLM(tiny_cfg("deltanet"))
+    save_checkpoint(tmp_path / "ok.pt", {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg)})
+    with pytest.raises(CheckpointError, match="holds a deltanet model"):
+        load_checkpoint(tmp_path / "ok.pt", expect_mixer="lact")
+    truncated = (tmp_path / "ok.pt").read_bytes()[:200]
+    (tmp_path / "truncated.pt").write_bytes(truncated)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(tmp_path / "truncated.pt")
+
+
+class Killed(Exception):
+    pass
+
+
+class KillingCorpus(RandomCorpus):
+    """Dies when asked for the training batch of step `at` (0-based), like a run killed mid-training."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def batch(self, batch_size, generator):
+        if self.calls == self.at:
+            raise Killed
+        self.calls += 1
+        return super().batch(batch_size, generator)
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    cfg = short_run()
+    pretrain(tiny_cfg(), cfg, RandomCorpus(), tmp_path / "full", "cpu")
+    with pytest.raises(Killed):  # killed during step 5, after the step-3 checkpoint
+        pretrain(tiny_cfg(), cfg, KillingCorpus(at=4), tmp_path / "killed", "cpu")
+    assert load_checkpoint(tmp_path / "killed")["step"] == 3
+    pretrain(tiny_cfg(), cfg, RandomCorpus(), tmp_path / "killed", "cpu", resume=True)
+    full, resumed = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "killed")
+    assert resumed["step"] == full["step"] == 6
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = short_run()
+    pretrain(tiny_cfg(), dataclasses.replace(cfg, max_steps=3), RandomCorpus(), tmp_path, "cpu")
+    good = load_checkpoint(tmp_path)["model"]
+    original_forward = FastWeightLM.forward
+
+    def poisoned(self, tokens, state=None):
+        logits, hidden, state = original_forward(self, tokens, state)
+        return logits * float("nan"), hidden, state
+
+    FastWeightLM.forward = poisoned
+    try:
+        with pytest.raises(FloatingPointError, match="non-finite loss"):
+            pretrain(tiny_cfg(), cfg, RandomCorpus(), tmp_path, "cpu", resume=True)
+    finally:
+        FastWeightLM.forward = original_forward
+    kept = load_checkpoint(tmp_path)
+    assert kept["step"] == 3 and all(torch.equal(v, kept["model"][k]) for k, v in good.items())
+
+
+@pytest.mark.parametrize("mixer", ["deltanet", "lact"])
+def test_a_tiny_model_overfits_a_fixed_batch(mixer):
+    torch.manual_seed(0)
+    model = FastWeightLM(tiny_cfg(mixer))
+    tokens = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        loss = ntp_loss(model(tokens)[0], tokens)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0  # ~ln(64) at init
+    assert loss.item() < 0.3
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "mamba"], "unknown model"),
+    (["--model", "deltanet", "--regime", "pre"], "unknown regime"),
+    (["--model", "deltanet", "--max-steps", "0"], "--max-steps must be >= 1"),
+])
+def test_cli_rejects_bad_arguments_with_status_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

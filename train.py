@@ -1,0 +1,99 @@
+"""Train a fast-weight LM: NTP pre-training, REFINE mid-training, or nested REFINE post-training.
+
+    python train.py --model deltanet --regime pretrain      # NTP from scratch on the built-in corpus
+    python train.py --model deltanet --regime mid           # REFINE mid-training on long documents
+    python train.py --model deltanet --regime post          # nested REFINE on prompts, then answer SFT
+
+Each run writes to --out (default runs/<model>-<regime>): config.json, metrics.jsonl (one line per optimizer
+step) and ckpt.pt (atomic). Bad input exits with status 2 and a one-line message.
+"""
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from refine_mini.common import CheckpointError, fail, pick_device, run_dir, set_seed
+from refine_mini.model import ModelConfig
+from refine_mini.trainer import TrainConfig, pretrain
+
+MODELS = ("deltanet", "lact")
+REGIMES = ("pretrain", "mid", "post")
+
+
+def default_model_config(mixer: str) -> ModelConfig:
+    """The laptop-sized defaults of each model (sizes chosen so pre-training finishes in minutes on 2 CPU cores)."""
+    return ModelConfig(mixer=mixer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="fast-weight mixer: deltanet or lact")
+    p.add_argument("--regime", default="pretrain", help="pretrain | mid | post")
+    p.add_argument("--out", help="run folder (default runs/<model>-<regime>)")
+    p.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl with a 'text' field "
+                                  "(default: the built-in synthetic long-document corpus)")
+    p.add_argument("--init", help="checkpoint or run folder to start from (mid/post; default: the pretrain run)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, help="sequences per batch")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="the one seed that drives init, data and sampling")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the model (auto: on for CUDA, off on CPU where compiling costs minutes)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    r = p.add_argument_group("REFINE (mid/post; defaults from method.md §2, see refine_mini/regimes.py)")
+    r.add_argument("--objective", help="mid: refine | ntp; post: refine | nested-sft | sft (default refine)")
+    r.add_argument("--c", type=int, help="chunks = rollout positions per sequence (8)")
+    r.add_argument("--k", type=int, help="rollout length in tokens (5)")
+    r.add_argument("--n", type=int, help="rollouts per position (1)")
+    r.add_argument("--selection", help="entropy | uniform | argmax | argmin")
+    r.add_argument("--reward", help="cosine | binary | hybrid (mid: cosine, post: hybrid)")
+    r.add_argument("--schedule", help="single | minibatch (optimizer steps per batch)")
+    r.add_argument("--minibatches", type=int, help="optimizer steps per batch with --schedule minibatch")
+    r.add_argument("--lambda-rl", type=float, help="GRPO loss weight (0.2)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.model not in MODELS:
+        fail(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    if args.regime not in REGIMES:
+        fail(f"unknown regime {args.regime!r}; choose one of {', '.join(REGIMES)}")
+    for name in ("max_steps", "seq_len", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr > 0:
+        fail(f"--lr must be > 0, got {args.lr}")
+    try:
+        device = pick_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        fail(str(e))
+    set_seed(args.seed)
+    out = run_dir(args.out or f"runs/{args.model}-{args.regime}")
+    try:
+        if args.regime == "pretrain":
+            return run_pretrain(args, out, device)
+        from refine_mini.regimes import run_regime  # the REFINE regimes (mid, post)
+        return run_regime(args, out, device)
+    except (ValueError, CheckpointError, FloatingPointError) as e:
+        fail(str(e))
+
+
+def run_pretrain(args, out: Path, device) -> dict:
+    from refine_mini.data import make_corpus
+    cfg = TrainConfig(seed=args.seed, compile=(args.compile == "on") or (args.compile == "auto" and device.type == "cuda"))
+    overrides = {"max_steps": args.max_steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr}
+    for f in fields(cfg):
+        if overrides.get(f.name) is not None:
+            setattr(cfg, f.name, overrides[f.name])
+    corpus = make_corpus(args.data, cfg.seq_len, seed=args.seed)
+    metrics = pretrain(default_model_config(args.model), cfg, corpus, out, device, resume=args.resume)
+    print(f"done: {out}/ckpt.pt  " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
