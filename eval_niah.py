@@ -92,7 +92,7 @@ def resolve_runs(args, device) -> list:
     paths = [Path(p) for p in args.ckpt] if args.ckpt else find_runs(args.runs)
     if not paths:
         fail(f"no runs with a ckpt.pt under {args.runs}/; make one with: "
-             f"python train.py --model deltanet --regime pretrain   (or pass --ckpt PATH)")
+             "python train.py --model deltanet --regime pretrain   (or pass --ckpt PATH)")
     runs = []
     for path in paths:
         if path.is_dir() and not (path / "ckpt.pt").is_file():
@@ -179,7 +179,7 @@ def report(results: dict, color: bool) -> None:
             print(render_heatmap(scores, grid["lengths"], grid["depths"], title, color))
         sizes = {n: m["state_bytes_per_row"] for n, m in run["memory_by_length"].items()}
         peak = run["peak_memory_at_longest"]
-        print(f"recurrent state per sequence: " + ", ".join(f"{b:,} B @ {n}" for n, b in sizes.items())
+        print("recurrent state per sequence: " + ", ".join(f"{b:,} B @ {n}" for n, b in sizes.items())
               + ("" if len(sizes) == 1 else "  (constant in length)" if len(set(sizes.values())) == 1
                  else "  (varies: partial-chunk buffers)")
               + f"; peak memory {peak['bytes'] / 2**20:.0f} MiB @ {peak['length']} [{peak['method'].split(' (')[0]}]")
@@ -258,10 +258,10 @@ def main(argv=None) -> dict:
     write_json_atomic(out, results)
     print(f"\nresults: {out}  ({len(cells)} cells, {results['meta']['seconds']} s)")
     if args.plot:
-        panels = [(f"{r['name']} {label}", {(c["length"], c["depth"]): c["score"] for c in cells
-                                            if c["run"] == r["name"] and c["label"] == label})
-                  for r in records for label in dict.fromkeys(c["label"] for c in cells
-                                                              if c["task"] in grid["grid_tasks"])]
+        labels = list(dict.fromkeys(c["label"] for c in cells if c["task"] in grid["grid_tasks"]))
+        panels = [[(f"{r['name']}: {label}", {(c["length"], c["depth"]): c["score"] for c in cells
+                                              if c["run"] == r["name"] and c["label"] == label}) for label in labels]
+                  for r in records]  # one row of panels per run, one column per task
         save_png(args.plot, panels, grid["lengths"], grid["depths"])
         print(f"plot: {args.plot}")
     return results

@@ -9,7 +9,9 @@ and §2.3. State layout is fla's h = Sᵀ (B, H, Dk, Dv), fp32. The kernels live
 
 Dataflow: q, k, v = W_q x, W_k x, W_v x (bias-free); beta = sigmoid(W_b x); causal depthwise short conv (kernel W,
 no bias) on q, k, v, then SiLU on each; split heads; L2-normalise q, k (x / sqrt(Σx² + 1e-6)); delta rule (chunked
-when T > recurrent_below, else recurrent); per-head RMSNorm over Dv (weight shared across heads); merge; o_proj.
+when T > recurrent_below, else recurrent; fla switches at 64, we at 8 because on CPU the token loop's backward
+costs more than one padded chunk already for ~8 tokens, and REFINE's prefix segments are often shorter than 64);
+per-head RMSNorm over Dv (weight shared across heads); merge; o_proj.
 
 Deviations from fla: the three depthwise convs are one depthwise conv over the concatenated [q | k | v] channels
 (identical maths, one cache tensor); the conv cache holds the last W-1 pre-conv inputs batch-first (B, W-1, channels)
@@ -39,7 +41,7 @@ class DeltaNet(nn.Module):
     """DeltaNet token mixer. forward(x (B,T,D), state=None) -> (y (B,T,D), DeltaNetState)."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim_k: int | None = None, head_dim_v: int | None = None,
-                 conv_size: int = 4, chunk_size: int = 64, recurrent_below: int = 64, norm_eps: float = 1e-6):
+                 conv_size: int = 4, chunk_size: int = 64, recurrent_below: int = 8, norm_eps: float = 1e-6):
         super().__init__()
         if d_model < 1 or n_heads < 1 or conv_size < 1 or chunk_size < 1:
             raise ValueError(f"d_model, n_heads, conv_size, chunk_size must be >= 1, got "

@@ -85,23 +85,33 @@ def require_matplotlib():
     return plt
 
 
-def save_png(path: str, panels: list[tuple[str, dict]], lengths: list[int], depths: list[float]) -> None:
-    """One heatmap panel per (title, scores) pair, side by side, written to `path` (PNG)."""
+def save_png(path: str, panels: list[list[tuple[str, dict]]], lengths: list[int], depths: list[float]) -> None:
+    """A grid of heatmaps (panels[i][j] = (title, scores): one row per run, one column per task) saved as a PNG."""
     plt = require_matplotlib()
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 0.9 * len(depths) * len(panels), 0.8 + 0.6 * len(lengths)),
-                             squeeze=False)
-    for ax, (title, scores) in zip(axes[0], panels):
-        grid = [[100 * scores[(n, d)] if (n, d) in scores else float("nan") for d in depths] for n in lengths]
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-        ax.set_xticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
-        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_xlabel("needle depth")
-        ax.set_ylabel("context length (tokens)")
-        ax.set_title(title, fontsize=9)
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                if value == value:  # not NaN
-                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=axes[0].tolist(), label="recall %")
+    n_rows, n_cols = len(panels), max(len(row) for row in panels)
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, layout="constrained",
+                             figsize=(1.5 + 0.7 * len(depths) * n_cols, (1.0 + 0.4 * len(lengths)) * n_rows))
+    image = None
+    for i, row in enumerate(panels):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            if j >= len(row):
+                ax.axis("off")
+                continue
+            title, scores = row[j]
+            grid = [[100 * scores[(n, d)] if (n, d) in scores else float("nan") for d in depths] for n in lengths]
+            image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+            ax.set_xticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+            ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_title(title, fontsize=9)
+            if i == n_rows - 1:
+                ax.set_xlabel("needle depth")
+            if j == 0:
+                ax.set_ylabel("context length")
+            for r, values in enumerate(grid):
+                for c, value in enumerate(values):
+                    if value == value:  # not NaN
+                        ax.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="recall %")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

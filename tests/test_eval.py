@@ -189,3 +189,12 @@ def test_plot_without_matplotlib_stops_before_evaluating_with_an_install_hint(tm
         eval_niah.main(["--ckpt", str(run), "--plot", str(tmp_path / "h.png"), *QUICK])
     assert exc.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "tiny" / "eval_niah.json").exists()
+
+
+def test_png_heatmaps_when_matplotlib_is_installed(tmp_path):
+    """The optional PNG: one panel per (run, task); skipped where matplotlib is not installed."""
+    pytest.importorskip("matplotlib")
+    from refine_mini.heatmap import save_png
+    scores = {(256, 0.0): 1.0, (256, 1.0): 0.5, (512, 0.0): 0.0}
+    save_png(str(tmp_path / "h.png"), [[("a: s_niah", scores)], [("b: s_niah", {})]], [256, 512], [0.0, 1.0])
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
