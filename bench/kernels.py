@@ -8,7 +8,10 @@ FLOPs of the chunked forward are the nominal count of fast-weights.md §1.3 (per
 6 d² + 10 C d + C²/3, FLOPs = 2 x MACs); the implementation's own matmul count is within ~10% of it at C=64, d=64.
 Timings: median of repeats after warm-up, recurrent and chunked interleaved so background load hits both alike.
 
-Usage: python bench/kernels.py [--quick] [--chunk 64] [--repeats 5]
+An extra line per T times the chunked kernel at a second chunk size (--alt-chunk, default 32; 0 turns it off),
+interleaved with the rest. The targets are judged at --chunk (default 64, the DeltaNet layer's default).
+
+Usage: python bench/kernels.py [--quick] [--chunk 64] [--alt-chunk 32] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: small T, 1 repeat")
     ap.add_argument("--chunk", type=int, default=64, help="chunk size C of the chunked kernel")
+    ap.add_argument("--alt-chunk", type=int, default=32, help="second chunk size timed alongside (0: off)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     if args.chunk < 1:
@@ -120,6 +124,9 @@ def main(argv=None) -> int:
         xs, xg = inputs(B, H, T, D), inputs(B, H, T, D, grad=True)
         fns = {"rf": fwd(delta_rule_recurrent, xs), "cf": fwd(delta_rule_chunked, xs, chunk_size=C),
                "rb": fwd_bwd(delta_rule_recurrent, xg), "cb": fwd_bwd(delta_rule_chunked, xg, chunk_size=C)}
+        if args.alt_chunk > 0:
+            fns["af"] = fwd(delta_rule_chunked, xs, chunk_size=args.alt_chunk)
+            fns["ab"] = fwd_bwd(delta_rule_chunked, xg, chunk_size=args.alt_chunk)
         if compiled is not None:
             fns["kf"] = fwd(compiled, xs, chunk_size=C)
             fns["kb"] = fwd_bwd(compiled, xg, chunk_size=C)
@@ -129,6 +136,11 @@ def main(argv=None) -> int:
         results[T] = (t["rf"] / t["cf"], t["rb"] / t["cb"], rate / mm_rate)
         print(f"{T:>6} {t['rf'] * 1e3:>11.1f} {t['cf'] * 1e3:>13.2f} {results[T][0]:>7.1f} {t['rb'] * 1e3:>11.1f} "
               f"{t['cb'] * 1e3:>13.2f} {results[T][1]:>7.1f} {rate / 1e9:>8.1f} {100 * results[T][2]:>5.0f}%")
+        if args.alt_chunk > 0:
+            Ca = args.alt_chunk
+            rate_a = B * H * T * (6 * D * D + 10 * Ca * D + Ca * Ca / 3) / t["af"]
+            print(f"{'':>6} chunked at C={Ca}: fwd {t['af'] * 1e3:.2f} ms ({t['rf'] / t['af']:.1f}x, "
+                  f"{100 * rate_a / mm_rate:.0f}% mm), f+b {t['ab'] * 1e3:.2f} ms ({t['rb'] / t['ab']:.1f}x)")
         if compiled is not None:
             print(f"{'':>6} compiled chunked: fwd {t['kf'] * 1e3:.2f} ms ({t['rf'] / t['kf']:.1f}x), "
                   f"f+b {t['kb'] * 1e3:.2f} ms ({t['rb'] / t['kb']:.1f}x)")

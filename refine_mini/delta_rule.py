@@ -9,13 +9,16 @@ Layout is fla's: h = Sᵀ (Dk x Dv), so a read is hᵀk and the paper's S_t = S_
     u_t = b_t (v_t - h_{t-1}ᵀ k_t),   h_t = h_{t-1} + k_t u_tᵀ,   o_t = scale · h_tᵀ q_t     (state AFTER token t).
 Derivation of the chunk form in docs/deltanet.md.
 
-Deviations from fla's chunk kernel (same maths, different schedule):
-- The UT factor is never formed: [W | U] = (I + A)⁻¹ diag(b) [K | V] is one batched unit-triangular solve.
-- The per-chunk scan is reduced to ONE matmul per chunk. Everything that does not depend on the incoming state is
-  precomputed for all chunks at once: h_next = P h_0 + G with P = I - KᵀW, G = KᵀU, and
-  O = scale (Q - M W) h_0 + scale M U with M = tril_incl(Q Kᵀ). fla scans with 3 matmuls per chunk (W h, Q h, Kᵀ U').
+Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different schedule):
+- Everything that does not depend on the incoming state is one batched matmul over all B·H·N chunks at once: A, the UT
+  factor T (blocked doubling, `_unit_lower_inverse`), W = T diag(b) K, U = T diag(b) V, M = tril_incl(Q Kᵀ).
+- The scan over chunks runs 2 small matmuls per chunk, batched over heads: U' = U - W h_n, h_{n+1} = h_n + Kᵀ U'.
+  The per-chunk [U'; h_n] are stacked in one buffer, and all outputs O = scale (M U' + Q h_n) are then batched again.
+- The backward is written by hand (refine_mini/delta_rule_bwd.py; derivation in docs/deltanet.md §3): one reverse scan
+  over chunks for the state gradient, all other matmuls batched over chunks. It saves k·b, T, W, M and [U'; h_n]
+  (about 6x the output o, plus the inputs) instead of recomputing them as fla does.
+  `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd) is kept as its test oracle.
 - fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs; fla stores U' and states in the input dtype.
-- Backward is plain autograd (memory: the per-chunk states, (B, H, T/C, Dk, Dv)); fla recomputes.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from refine_mini.delta_rule_bwd import chunk_backward
 
 Tensor = torch.Tensor
 
@@ -112,57 +118,118 @@ def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: f
     return o.to(q.dtype), h
 
 
-def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64,
-                       scale: float | None = None, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Chunkwise WY/UT form; same contract as `delta_rule_recurrent` plus `chunk_size` (any int >= 1).
-
-    T is zero-padded to a multiple of C (padded rows have k = 0, beta = 0: exact no-ops). All per-chunk work is done
-    as batched matmuls over a (B, H, N, C, .) view; only h_{n+1} = P_n h_n + G_n runs sequentially over N = T/C.
-    """
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    cdt, scale, h = _prepare(q, k, v, beta, scale, initial_state)
+def _to_chunks(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, C: int, cdt: torch.dtype):
+    """Cast to the compute dtype, zero-pad T to N·C (padded rows: k = 0, beta = 0, exact no-ops) and view every chunk
+    of every head as one batch row: q, k (Z,C,Dk), v (Z,C,Dv), beta (Z,C,1) with Z = B·H·N. Returns them and N."""
     B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
-    C = chunk_size
     N = math.ceil(T / C)
     pad = N * C - T
     qc, kc, vc, bc = (x.to(cdt) for x in (q, k, v, beta))
     if pad:
         qc, kc, vc = (F.pad(x, (0, 0, 0, pad)) for x in (qc, kc, vc))  # (B,H,N*C,D): zero rows at the tail
         bc = F.pad(bc, (0, pad))                                        # (B,H,N*C)
-    Z = B * H * N                                                       # every chunk of every head is one batch row
-    qz = qc.reshape(Z, C, Dk)                                           # (B,H,N*C,Dk) -> (Z,C,Dk)
-    kz = kc.reshape(Z, C, Dk)                                           # (Z,C,Dk)
-    bz = bc.reshape(Z, C, 1)                                            # (Z,C,1)
-    kb, vb = kz * bz, vc.reshape(Z, C, Dv) * bz                         # diag(b) K (Z,C,Dk), diag(b) V (Z,C,Dv)
+    Z = B * H * N
+    return (qc.reshape(Z, C, Dk), kc.reshape(Z, C, Dk), vc.reshape(Z, C, v.shape[-1]), bc.reshape(Z, C, 1)), N
 
-    # 1) A_ij = b_i k_i·k_j; only its strict lower triangle is ever read: (Z,C,Dk)@(Z,Dk,C) -> (Z,C,C)
-    A = torch.bmm(kb, kz.mT)
-    # 2) T = (I + strict_tril A)⁻¹, unit lower triangular: (Z,C,C)
-    Tm = _unit_lower_inverse(A)
-    # 3) W = T diag(b) K, U = T diag(b) V  (beta enters both): (Z,C,C)@(Z,C,D) -> (Z,C,Dk), (Z,C,Dv)
-    W, U = torch.bmm(Tm, kb), torch.bmm(Tm, vb)
-    # intra-chunk attention, diagonal INCLUDED: M = tril(Q Kᵀ): (Z,C,Dk)@(Z,Dk,C) -> (Z,C,C)
-    M = torch.tril(torch.bmm(qz, kz.mT))
-    # O = scale(Q h0 + M (U - W h0)) = scale((Q - M W) h0 + M U): Qp (Z,C,Dk), MU (Z,C,Dv)
-    Qp = torch.baddbmm(qz, M, W, alpha=-1.0)                            # Q - M W: (Z,C,C)@(Z,C,Dk)
-    MU = torch.bmm(M, U)                                                # (Z,C,C)@(Z,C,Dv) -> (Z,C,Dv)
-    # h_next = h0 + Kᵀ(U - W h0) = P h0 + G with P = I - KᵀW, G = KᵀU: (Z,Dk,C)@(Z,C,.) -> (Z,Dk,Dk), (Z,Dk,Dv)
+
+def _check_chunk_size(chunk_size) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def _delta_rule_chunked_autograd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64,
+                                 scale: float | None = None,
+                                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference chunked form differentiated by plain autograd (kept as the oracle for the hand-written backward).
+
+    Same maths as `delta_rule_chunked`, different schedule: everything that does not depend on the incoming state is
+    precomputed for all chunks (h_next = P h_0 + G, P = I - KᵀW, G = KᵀU; O = scale((Q - MW) h_0 + MU),
+    M = tril_incl(QKᵀ)), so the scan is one matmul per chunk.
+    """
+    _check_chunk_size(chunk_size)
+    cdt, scale, h = _prepare(q, k, v, beta, scale, initial_state)
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
+    Z = qz.shape[0]
+    kb, vb = kz * bz, vz * bz                                           # diag(b) K (Z,C,Dk), diag(b) V (Z,C,Dv)
+    Tm = _unit_lower_inverse(torch.bmm(kb, kz.mT))                      # (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
+    W, U = torch.bmm(Tm, kb), torch.bmm(Tm, vb)                         # (Z,C,Dk), (Z,C,Dv)
+    M = torch.tril(torch.bmm(qz, kz.mT))                                # tril_incl(Q Kᵀ): (Z,C,C)
+    Qp = torch.baddbmm(qz, M, W, alpha=-1.0)                            # Q - M W: (Z,C,Dk)
+    MU = torch.bmm(M, U)                                                # (Z,C,Dv)
     eye = torch.eye(Dk, dtype=cdt, device=q.device).expand(Z, Dk, Dk)
-    P = torch.baddbmm(eye, kz.mT, W, alpha=-1.0)
-    G = torch.bmm(kz.mT, U)
-
-    # 4-6) the only sequential part: one matmul per chunk, h_{n+1} = P_n h_n + G_n on (B*H, Dk, .) batches;
-    # unbind (not P[:, n]) so the backward stacks the per-chunk grads once instead of N full-size zero fills
-    h = h.reshape(B * H, Dk, Dv)                                        # (B*H,Dk,Dv)
+    P = torch.baddbmm(eye, kz.mT, W, alpha=-1.0)                        # I - KᵀW: (Z,Dk,Dk)
+    G = torch.bmm(kz.mT, U)                                             # KᵀU: (Z,Dk,Dv)
+    h = h.reshape(B * H, Dk, Dv)
     states = []
     for P_n, G_n in zip(P.view(B * H, N, Dk, Dk).unbind(1), G.view(B * H, N, Dk, Dv).unbind(1)):
         states.append(h)                                               # state entering chunk n
-        h = torch.baddbmm(G_n, P_n, h)                                  # (B*H,Dk,Dk)@(B*H,Dk,Dv) + (B*H,Dk,Dv)
-    hs = torch.stack(states, dim=1).view(Z, Dk, Dv)                     # (B*H,N,Dk,Dv) -> (Z,Dk,Dv)
+        h = torch.baddbmm(G_n, P_n, h)                                  # h_{n+1} = P_n h_n + G_n
+    hs = torch.stack(states, dim=1).view(Z, Dk, Dv)
+    o = torch.baddbmm(MU, Qp, hs, beta=scale, alpha=scale)              # scale (MU + Qp hs): (Z,C,Dv)
+    o = o.view(B, H, N * chunk_size, Dv)[:, :, :T]
+    return o.to(q.dtype), h.view(B, H, Dk, Dv)
 
-    # outputs of all chunks at once, scale folded in: scale·(MU + Qp hs), (Z,C,Dk)@(Z,Dk,Dv) -> (Z,C,Dv)
-    o = torch.baddbmm(MU, Qp, hs, beta=scale, alpha=scale)
-    o = o.view(B, H, N * C, Dv)[:, :, :T]                               # (B,H,T,Dv): drop padded rows
+
+def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, scale: float):
+    """Forward of the chunked delta rule on chunk batches (module docstring, "Schedule"); runs without autograd.
+
+    qz, kz (Z,C,Dk), vz (Z,C,Dv), bz (Z,C,1), h (BH,Dk,Dv) with Z = BH·N, the N chunks of one head consecutive.
+    Returns o (Z,C,Dv), the final state (BH,Dk,Dv) and what the backward needs.
+    """
+    Z, C, Dk = kz.shape
+    BH, _, Dv = h.shape
+    N = Z // BH
+    kb = kz * bz                                                        # diag(b) K: (Z,C,Dk)
+    Tm = _unit_lower_inverse(torch.bmm(kb, kz.mT))                      # T = (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
+    W = torch.bmm(Tm, kb)                                               # T diag(b) K: (Z,C,Dk)
+    U4 = torch.bmm(Tm * bz.mT, vz).view(BH, N, C, Dv)                  # U = T diag(b) V
+    W4, K4 = W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
+    parts = []                                                          # U'_0, h_0, U'_1, h_1, ...
+    for n in range(N):                                                  # the only sequential part, 2 matmuls/chunk
+        Up = torch.baddbmm(U4[:, n], W4[:, n], h, alpha=-1.0)           # U' = U - W h_n: (BH,C,Dk)@(BH,Dk,Dv)
+        parts += [Up, h]
+        h = torch.baddbmm(h, K4[:, n].mT, Up)                           # h_{n+1} = h_n + Kᵀ U': (BH,Dk,C)@(BH,C,Dv)
+    # one buffer per chunk holding [U'; h_n] (C+Dk rows): the output reads it with one matmul, so does the backward
+    UH = torch.cat(parts, dim=1).view(Z, C + Dk, Dv)                    # (BH, N·(C+Dk), Dv) -> (Z,C+Dk,Dv)
+    # all outputs at once: O = scale (M U' + Q h_n),  M = tril_incl(Q Kᵀ)
+    M = torch.bmm(qz, kz.mT).tril_()                                    # (Z,C,C)
+    o = torch.baddbmm(torch.bmm(M, UH[:, :C]), qz, UH[:, C:], beta=scale, alpha=scale)  # (Z,C,Dv)
+    return o, h, (kb, Tm, W, M, UH)
+
+
+class _ChunkedDeltaRule(torch.autograd.Function):
+    """The chunked kernel with a hand-written backward (refine_mini/delta_rule_bwd.py): all matmuls batched over
+    chunks except one reverse scan for the state gradient. Not twice differentiable (once_differentiable raises).
+    Checked against `_delta_rule_chunked_autograd` and by gradcheck."""
+
+    @staticmethod
+    def forward(ctx, qz, kz, vz, bz, h0, scale):
+        o, h, saved = _chunk_forward(qz, kz, vz, bz, h0, scale)
+        ctx.save_for_backward(qz, kz, vz, bz, *saved)
+        ctx.scale = scale
+        return o, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dh):
+        return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors), None)
+
+
+def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64,
+                       scale: float | None = None, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Chunkwise WY/UT form; same contract as `delta_rule_recurrent` plus `chunk_size` (any int >= 1).
+
+    T is zero-padded to a multiple of C (padded rows have k = 0, beta = 0: exact no-ops). All per-chunk work is done
+    as batched matmuls over a (B·H·N, C, .) view; only the state recurrence runs sequentially over N = T/C chunks.
+    Differentiable through a custom autograd.Function with a hand-written backward.
+    """
+    _check_chunk_size(chunk_size)
+    cdt, scale, h0 = _prepare(q, k, v, beta, scale, initial_state)
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
+    o, h = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale)
+    o = o.view(B, H, N * chunk_size, Dv)[:, :, :T]                      # (B,H,T,Dv): drop padded rows
     return o.to(q.dtype), h.view(B, H, Dk, Dv)

@@ -150,7 +150,7 @@ class FastWeightLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
-        """tokens (B, T) -> logits (B, T, V) fp32, hidden (B, T, D) after the final norm, new ModelState."""
+        """tokens (B, T) -> logits (B, T, V) in fp32 (fp64 for an fp64 model), hidden (B, T, D) after the final norm, new ModelState."""
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty (B, T) tensor, got shape {tuple(tokens.shape)}")
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
@@ -160,7 +160,8 @@ class FastWeightLM(nn.Module):
             x, layer_state = block(x, layer_state)
             new_states.append(layer_state)
         hidden = self.final_norm(x)  # (B, T, D): the vector REFINE's cosine reward compares
-        logits = self.lm_head(hidden).float()  # (B, T, D) @ (D, V) -> (B, T, V)
+        logits = self.lm_head(hidden)  # (B, T, D) @ (D, V) -> (B, T, V)
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least (fp64 models stay fp64)
         return logits, hidden, ModelState(new_states)
 
     @torch.no_grad()

@@ -2,14 +2,14 @@
 
 Question answered: how do we build a NIAH prompt of exactly `length` tokens with the needle at depth d, and score it?
 
-Rendered S-NIAH prompt (make_example("s_niah", 96, 0.5, random.Random(0)); `|` marks needle_token_pos[0] = 43):
+Rendered S-NIAH prompt (make_example("s_niah", 96, 0.5, random.Random(0)); `|` marks needle_token_pos[0] = 39):
 
     Some special magic numbers are hidden within the following text. Make sure to memorize them. I will quiz you
     about the numbers afterwards.
-     is blue. The sun is yellow. Here we go.| The special magic number for short-forest is: 1509413. There and back
-    again. The grass is green. The sky is blue.
+     is blue. The sun is yellow.| The special magic number for short-forest is: 1509413. Here we go. There and back
+    again.
     Question: What is the special magic number for short-forest?
-    Answer:
+    Answer: The special magic number for short-forest is:
 greedy decoding should then emit " 1509413\\n" (Example.target).
 
 Layout and exact length: prompt = header + haystack + question, each piece tokenised on its own (every piece starts

@@ -160,14 +160,20 @@ def join_keys(keys: list[str]) -> str:
 
 
 def niah_question(keys: list[str], multi_value: bool = False) -> str:
-    """The query block; the model's answer follows 'Answer:' as ' v1, v2\\n'."""
+    """The query block; the model's answer follows it as ' v1, v2\\n'.
+
+    Like RULER, the prompt ends with an answer prefix that restates the needle ("... The special magic number for
+    {key} mentioned in the provided text is"); ours restates it word for word ("The special magic number for {key}
+    is:"), so that a single-key lookup is an exact copy of what followed that phrase in the haystack -- the
+    associative recall a fast-weight memory is built for, and learnable by a tiny model in minutes.
+    """
     if multi_value:
-        q = f"What are all the special magic numbers for {keys[0]}?"
+        q = f"What are all the special magic numbers for {keys[0]}?\nAnswer: The special magic numbers for {keys[0]} are:"
     elif len(keys) == 1:
-        q = f"What is the special magic number for {keys[0]}?"
+        q = f"What is the special magic number for {keys[0]}?\nAnswer: The special magic number for {keys[0]} is:"
     else:
-        q = f"What are the special magic numbers for {join_keys(keys)}?"
-    return f"\nQuestion: {q}\nAnswer:"
+        q = f"What are the special magic numbers for {join_keys(keys)}?\nAnswer:"
+    return f"\nQuestion: {q}"
 
 
 def format_answer(values: list[str]) -> str:

@@ -15,7 +15,8 @@ from refine_mini.textgen import is_split_key, is_split_value
 from refine_mini.tokenizer import decode, encode, eot_id
 
 NEEDLE = re.compile(r"The special magic number for ([a-z]+-[a-z]+) is: (\d{7})\.")
-SINGLE_Q = re.compile(r"Question: What is the special magic number for ([a-z]+-[a-z]+)\?\nAnswer: (\d{7})\n")
+SINGLE_Q = re.compile(r"Question: What is the special magic number for ([a-z]+-[a-z]+)\?\n"
+                      r"Answer: The special magic number for \1 is: (\d{7})\n")
 BORN_Q = re.compile(r"Question: Where was ([A-Z][a-z]+ [A-Z][a-z]+) born\?\nAnswer: ([A-Za-z]+)\n")
 
 
@@ -28,7 +29,8 @@ def test_synthetic_questions_are_about_earlier_facts(seed, n_tokens):
     for m in SINGLE_Q.finditer(text):
         key, value = m.groups()
         assert f"for {key} is: {value}." in text[:m.start()]
-        assert text.count(f"for {key} is:") == 1  # a key asked singly is planted once (keys unique per document)
+        # a key asked singly is planted once (keys unique per document); each question restates it once more
+        assert text.count(f"for {key} is: ") == 1 + text.count(f"?\nAnswer: The special magic number for {key} is:")
     for m in BORN_Q.finditer(text):
         name, city = m.groups()
         before = text[:m.start()]

@@ -25,11 +25,11 @@ def test_forward_returns_per_token_logits_hidden_and_state(mixer):
     model = tiny(mixer)
     tokens = torch.randint(0, 64, (3, 21))
     logits, hidden, state = model(tokens)
-    assert logits.shape == (3, 21, 64) and logits.dtype == torch.float32
+    assert logits.shape == (3, 21, 64) and logits.dtype == torch.float64  # an fp64 model keeps fp64 logits
     assert hidden.shape == (3, 21, 32)
     assert isinstance(state, ModelState) and len(state.layers) == 2
     # hidden is post-final-norm: the LM head applied to it gives the logits
-    assert torch.allclose(model.lm_head(hidden).float(), logits)
+    assert torch.allclose(model.lm_head(hidden), logits)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

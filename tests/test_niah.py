@@ -22,7 +22,7 @@ def test_prompt_length_is_exact(task, haystack):
     for length in (200, 333, 777, 1024):
         ex = niah.make_example(task, length, 0.4, random.Random(length), "eval", haystack)
         assert len(ex.prompt_ids) == ex.length == length
-        assert decode(ex.prompt_ids).endswith("\nAnswer:")
+        assert re.search(r"\nAnswer:( The special magic numbers? for [a-z]+-[a-z]+ (is|are):)?$", decode(ex.prompt_ids))
         assert ex.task == task and ex.max_new_tokens >= 12
         assert ex.target == " " + ", ".join(ex.answers) + "\n"
 
@@ -175,6 +175,6 @@ def test_word_lists_have_no_duplicates_and_docstring_render_holds():
                   textgen.CITY_SUFFIXES, textgen.COMPANY_ROOTS, textgen.COMPANY_KINDS):
         assert len(set(words)) == len(words)
     ex = niah.make_example("s_niah", 96, 0.5, random.Random(0))
-    assert ex.needle_token_pos == [43] and ex.answers == ["1509413"] and "short-forest" in niah.__doc__
+    assert ex.needle_token_pos == [39] and ex.answers == ["1509413"] and "short-forest" in niah.__doc__
     ex = qa.make_qa_example(230, 0.5, random.Random(2))
     assert ex.needle_token_pos == [107] and ex.answers == ["Corhaven"] and "Corhaven" in qa.__doc__
