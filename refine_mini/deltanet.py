@@ -63,8 +63,11 @@ class DeltaNet(nn.Module):
         self.conv = nn.Conv1d(self.channels, self.channels, conv_size, groups=self.channels, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(self.dv))           # RMSNorm over Dv, shared across heads
         self.o_proj = nn.Linear(hv, d_model, bias=False)
-        for m in (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.conv, self.o_proj):
+        for m in (self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.o_proj):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        # The short conv keeps PyTorch's default init (uniform, bound 1/sqrt(W)): an N(0, 0.02) conv would scale
+        # q, k, v and every gradient into the projections by ~0.02, and a tiny model then needs far longer to learn
+        # the previous-token keys that associative recall is built from.
 
     def initial_state(self, batch: int, device=None) -> DeltaNetState:
         """Zero memory and an all-zero conv window (the state before the first token)."""
