@@ -79,8 +79,9 @@ def test_streaming_op_matches_reference(T, C, mom, muon, seed, data):
     o, w_final = run_chunked(q, k, v, eta, m, ws, C, splits, mom, muon)
     o_ref, w_ref = lact_reference(q, k, v, eta, m, *ws, C, mom, muon)
     assert rel(o, o_ref) < 1e-10
+    tol = 1e-9 if muon else 1e-10  # five Newton-Schulz iterations per chunk amplify fp64 rounding ~10x
     for a, b in zip(w_final, w_ref):
-        assert rel(a, b) < 1e-10
+        assert rel(a, b) < tol
 
 
 @pytest.mark.parametrize("b", [0, 1, 2])

@@ -13,7 +13,7 @@ from refine_mini.niah import make_task_examples
 from refine_mini.textgen import is_split_value
 from refine_mini.trainer import TrainConfig, make_optimizer, save_run
 
-LENGTH = 128  # prompt tokens in these tests (enough for S-NIAH and one-hop QA)
+LENGTH = 160  # prompt tokens in these tests (enough for S-NIAH and one-hop QA)
 
 
 def tiny_model_cfg(mixer="deltanet"):
