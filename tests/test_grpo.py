@@ -13,15 +13,6 @@ from refine_mini.selection import Selection
 TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine are ~1000x faster single-threaded (no OpenMP spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.integers(2, 9), min_size=1, max_size=5), seed=st.integers(0, 10_000))
 def test_advantages_have_zero_mean_and_unit_unbiased_std_in_each_group(sizes, seed):

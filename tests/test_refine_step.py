@@ -18,15 +18,6 @@ KEYS = ["ntp_loss", "policy_loss", "reward_cosine_mean", "reward_cosine_std", "r
         "selected_entropy_mean", "clip_frac", "ratio_mean", "grad_norm", "tokens_per_s"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine are ~1000x faster single-threaded (no OpenMP spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(mixer, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     return FastWeightLM(ModelConfig(mixer=mixer, **TINY)).to(dtype)

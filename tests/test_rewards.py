@@ -11,15 +11,6 @@ from refine_mini.selection import teacher_forced_pass
 TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine are ~1000x faster single-threaded (no OpenMP spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("mixer", ["deltanet", "lact"])
 def test_rollout_equal_to_ground_truth_gets_cosine_and_binary_one(mixer):
     """If x̂ = x_{t+1..t+k}, decoding from the forked prefix state reproduces the teacher-forced states: R^φ = 1

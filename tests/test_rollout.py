@@ -10,15 +10,6 @@ TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact
 MIXERS = ["deltanet", "lact"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine are ~1000x faster single-threaded (no OpenMP spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(mixer, seed=0):
     torch.manual_seed(seed)
     model = FastWeightLM(ModelConfig(mixer=mixer, **TINY))

@@ -13,15 +13,6 @@ from refine_mini.selection import (edge_clamp, pad_documents, select_positions, 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine are ~1000x faster single-threaded (no OpenMP spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("mixer", ["deltanet", "lact"])
 def test_teacher_pass_entropy_is_next_token_entropy(mixer):
     """e_t = -sum_v p(v|x_<=t) log p(v|x_<=t) from the logits at t; hidden is the model's post-norm hidden;
