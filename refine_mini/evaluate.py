@@ -108,6 +108,25 @@ def greedy_decode(model, prompts: torch.Tensor, max_new_tokens: int, prefill_tok
 
 
 @torch.no_grad()
+def greedy_outputs(model, examples, device, prefill_tokens: int = 4096, max_batch: int = 32):
+    """Greedy, uncut outputs (they may run past the newline: the batch stops when every row has one) for a list of
+    Examples, and the set of per-row state sizes seen. Prompts of equal length are decoded together, `max_batch`
+    at a time."""
+    outputs, bytes_seen, by_len = [""] * len(examples), set(), {}
+    for i, ex in enumerate(examples):
+        by_len.setdefault(len(ex.prompt_ids), []).append(i)
+    batches = [idx[j:j + max_batch] for idx in by_len.values() for j in range(0, len(idx), max_batch)]
+    for idx in batches:
+        prompts = torch.tensor([examples[i].prompt_ids for i in idx], dtype=torch.long, device=device)  # (B, T)
+        budget = max(examples[i].max_new_tokens for i in idx)
+        new, nbytes = greedy_decode(model, prompts, budget, prefill_tokens)  # (B, N)
+        bytes_seen.add(nbytes)
+        for i, row in zip(idx, new):
+            outputs[i] = tokenizer.decode(row.tolist())
+    return outputs, bytes_seen
+
+
+@torch.no_grad()
 def eval_row(model, task: str, length: int, depths: list[float], samples: int, seed: int, device,
              haystack: str = "noise", prefill_tokens: int = 4096, max_batch: int = 32) -> list[dict]:
     """Score `samples` examples at each depth of one (task, length) row; returns one JSON record per cell.
@@ -119,17 +138,7 @@ def eval_row(model, task: str, length: int, depths: list[float], samples: int, s
     t0 = time.perf_counter()
     examples = [ex for d in depths for ex in niah.make_task_examples(task, samples, length, d, seed=seed,
                                                                       split="eval", haystack=haystack)]
-    outputs, bytes_seen, by_len = [""] * len(examples), set(), {}
-    for i, ex in enumerate(examples):
-        by_len.setdefault(len(ex.prompt_ids), []).append(i)
-    batches = [idx[j:j + max_batch] for idx in by_len.values() for j in range(0, len(idx), max_batch)]
-    for idx in batches:
-        prompts = torch.tensor([examples[i].prompt_ids for i in idx], dtype=torch.long, device=device)  # (B, T)
-        budget = max(examples[i].max_new_tokens for i in idx)
-        new, nbytes = greedy_decode(model, prompts, budget, prefill_tokens)  # (B, N)
-        bytes_seen.add(nbytes)
-        for i, row in zip(idx, new):
-            outputs[i] = tokenizer.decode(row.tolist())  # uncut: may run past the newline (batch stop)
+    outputs, bytes_seen = greedy_outputs(model, examples, device, prefill_tokens, max_batch)
     seconds = round((time.perf_counter() - t0) / len(depths), 3)  # the row's time, shared equally
     cells = []
     for j, depth in enumerate(depths):

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from refine_mini import niah, tokenizer
+from refine_mini.evaluate import first_line, greedy_outputs
 from refine_mini.regimes import RegimeConfig, Run, inner_update, step_generator, steps_per_batch
+from refine_mini.selection import eval_mode
 from refine_mini.trainer import clip_and_step
 
 IGNORE = -100  # cross_entropy ignore_index: positions that are not answer tokens
@@ -84,22 +86,10 @@ def sft_step(model, optimizer, examples, grad_clip: float, device) -> dict:
 
 @torch.no_grad()
 def answer_greedy(model, examples, device) -> list[str]:
-    """Greedy answers (cut at the first newline, stripped); prompts of equal length are decoded as one batch."""
-    was_training = model.training
-    model.eval()
-    newline = tokenizer.encode("\n")[0]
-    outputs = [""] * len(examples)
-    by_len = {}
-    for i, ex in enumerate(examples):
-        by_len.setdefault(len(ex.prompt_ids), []).append(i)
-    for idx in by_len.values():
-        prompts = torch.tensor([examples[i].prompt_ids for i in idx], dtype=torch.long, device=device)  # (B, T)
-        budget = max(examples[i].max_new_tokens for i in idx)
-        new, _ = model.generate(prompts, budget, temperature=0.0, stop_token=newline)  # (B, N)
-        for i, row in zip(idx, new.tolist()):
-            outputs[i] = tokenizer.decode(row).split("\n", 1)[0].strip()
-    model.train(was_training)
-    return outputs
+    """Greedy answers from the carried state (evaluate.greedy_outputs), cut at the first newline and stripped."""
+    with eval_mode(model):
+        outputs, _ = greedy_outputs(model, examples, device)
+    return [first_line(out) for out in outputs]
 
 
 def score_examples(model, examples, device) -> list[float]:
