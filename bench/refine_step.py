@@ -4,8 +4,10 @@ Measured in one run, for DeltaNet and LaCT (CPU, and CUDA when available), on th
   1) REFINE optimizer step (refine_step, fast path, schedule "single") / NTP optimizer step   target <= 1.5
   2) rollout phase, re-encoded prefixes (official: every prefix encoded from scratch by `generate`, then a second
      from-scratch forward over [prefix; rollout] for old log-probs and h_pred)
-     / rollout phase with forked states (one streaming pass per document split at the positions, batched decode)
-                                                                                                target >= 8
+     / rollout phase with forked states (one no-grad streaming pass per document split at the positions, up to
+     the last one, then batched decode: the "minibatch" schedule's rollout phase)                target >= 8
+     The line below it times what the default "single" schedule pays: sampling from the snapshots of the
+     training forward it runs anyway (no prefix pass of its own).
 Times are medians over --reps repetitions after one warm-up. Defaults: T=2048, B=2, c=8, k=5, default ModelConfig.
 
     python bench/refine_step.py            # full
@@ -22,26 +24,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
 from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
-from refine_mini.rollout import rollouts_forked, rollouts_reference  # noqa: E402
+from refine_mini.rollout import document_forward, rollouts_forked, rollouts_reference, sample_rollouts  # noqa: E402
 from refine_mini.selection import pad_documents, select_positions, teacher_forced_pass  # noqa: E402
 from refine_mini.trainer import TrainConfig, clip_and_step, make_optimizer, ntp_loss  # noqa: E402
 
 STEP_TARGET, ROLLOUT_TARGET = 1.5, 8.0
 
 
-def timed(fn, device, reps: int) -> float:
-    """Median wall time of fn() over reps calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def timed(fns: dict, device, reps: int) -> dict:
+    """Median wall time of each fn() over reps calls, the callables interleaved round-robin after one warm-up call
+    each, so that background load and allocator state hit them alike."""
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_one(mixer: str, device: torch.device, args) -> list[str]:
@@ -55,20 +60,24 @@ def bench_one(mixer: str, device: torch.device, args) -> list[str]:
     gen = torch.Generator(device=device).manual_seed(0)
 
     def ntp_step():
+        optimizer.zero_grad(set_to_none=True)
         loss = ntp_loss(model(tokens)[0], tokens)
         loss.backward()
         clip_and_step(model, optimizer, 1.0)
 
-    t_ntp = timed(ntp_step, device, args.reps)
-    t_refine = timed(lambda: refine_step(model, optimizer, tokens, cfg, gen), device, args.reps)
+    t = timed({"ntp": ntp_step, "refine": lambda: refine_step(model, optimizer, tokens, cfg, gen)}, device, args.reps)
+    t_ntp, t_refine = t["ntp"], t["refine"]
 
     docs = list(tokens.unbind(0))
     padded, lengths = pad_documents(docs)
     entropy, _ = teacher_forced_pass(model, padded)
     positions = select_positions(entropy, lengths.to(device), cfg.c, cfg.k, generator=gen).positions
-    t_forked = timed(lambda: rollouts_forked(model, docs, positions, cfg.k, 1, gen), device, args.reps)
-    t_reencode = timed(lambda: rollouts_reference(model, docs, positions, cfg.k, 1, gen), device,
-                       max(1, args.reps // 2))
+    train_fwd = document_forward(model, docs, positions)  # the training forward refine_step runs anyway (grad)
+    t = timed({"forked": lambda: rollouts_forked(model, docs, positions, cfg.k, 1, gen),
+               "in_step": lambda: sample_rollouts(model, train_fwd, positions, cfg.k, 1, gen),
+               "reencode": lambda: rollouts_reference(model, docs, positions, cfg.k, 1, gen)}, device,
+              max(1, args.reps // 2))
+    t_forked, t_reencode, t_in_step = t["forked"], t["reencode"], t["in_step"]
 
     step_ratio, rollout_ratio = t_refine / t_ntp, t_reencode / t_forked
     tag = f"{mixer:8s} {device.type:4s} T={args.seq_len} B={args.batch} c={cfg.c} k={cfg.k}"
@@ -77,6 +86,8 @@ def bench_one(mixer: str, device: torch.device, args) -> list[str]:
         f"  (target <= {STEP_TARGET})  {'PASS' if step_ratio <= STEP_TARGET else 'MISS'}",
         f"{tag}  rollouts re-encoded {t_reencode * 1e3:9.1f} ms / forked {t_forked * 1e3:9.1f} ms = "
         f"{rollout_ratio:5.2f}x  (target >= {ROLLOUT_TARGET})  {'PASS' if rollout_ratio >= ROLLOUT_TARGET else 'MISS'}",
+        f"{tag}  (inside refine_step, states taken from the training forward: sampling {t_in_step * 1e3:7.1f} ms, "
+        f"{t_reencode / t_in_step:5.1f}x fewer than re-encoding)",
     ]
 
 
@@ -87,7 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="documents per batch B")
     parser.add_argument("--c", type=int, default=8, help="chunks (selected positions) per document")
     parser.add_argument("--k", type=int, default=5, help="rollout length")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--mixers", default="deltanet,lact", help="comma-separated mixers to bench")
     args = parser.parse_args(argv)

@@ -155,8 +155,9 @@ class FastWeightLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
-        """tokens (B, T) -> logits (B, T, V) in fp32 (fp64 for an fp64 model), hidden (B, T, D) after the final norm, new ModelState."""
+    def encode(self, tokens: torch.Tensor, state: ModelState | None = None):
+        """tokens (B, T) -> hidden (B, T, D) after the final norm, new ModelState. No LM head: callers that need
+        logits at a few positions only (rollouts, REFINE's first token) or in row blocks (entropy) apply `head`."""
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty (B, T) tensor, got shape {tuple(tokens.shape)}")
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
@@ -165,10 +166,17 @@ class FastWeightLM(nn.Module):
         for block, layer_state in zip(self.blocks, layer_states):
             x, layer_state = block(x, layer_state)
             new_states.append(layer_state)
-        hidden = self.final_norm(x)  # (B, T, D): the vector REFINE's cosine reward compares
-        logits = self.lm_head(hidden)  # (B, T, D) @ (D, V) -> (B, T, V)
-        logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least (fp64 models stay fp64)
-        return logits, hidden, ModelState(new_states)
+        return self.final_norm(x), ModelState(new_states)  # (B, T, D): the vector REFINE's cosine reward compares
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> logits (..., V) in fp32 at least (an fp64 model stays fp64)."""
+        logits = self.lm_head(hidden)  # (..., D) @ (D, V) -> (..., V)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
+        """tokens (B, T) -> logits (B, T, V), hidden (B, T, D) after the final norm, new ModelState."""
+        hidden, state = self.encode(tokens, state)
+        return self.head(hidden), hidden, state
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

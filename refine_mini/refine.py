@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from refine_mini.grpo import group_advantages, group_ids, ppo_clip_loss
 from refine_mini.rewards import REWARDS, compute_rewards
@@ -79,9 +80,12 @@ def as_documents(tokens) -> list[torch.Tensor]:
     return docs
 
 
-def _ntp_sum(logits: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
-    """Summed next-token CE of one document: logits (L, V) at t predict doc[t+1]."""
-    return -log_probs(logits[:-1]).gather(1, doc[1:, None]).sum()  # (L-1, V) gather (L-1, 1) -> sum  # (L-1, V) vs (L-1,)
+def _ntp_sum(logits: torch.Tensor, docs: list) -> torch.Tensor:
+    """Summed next-token CE: logits (ΣL, V) of the concatenated documents, position t of a document predicting its
+    t+1. The last position of each document has no target: ignore_index (not logits[:-1] slices, whose backward
+    would zero-fill a whole (L, V) tensor each)."""
+    targets = torch.cat([F.pad(doc[1:], (0, 1), value=-100) for doc in docs])  # (ΣL,): each doc shifted left
+    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")  # (ΣL, V) vs (ΣL,)
 
 
 def _reference_logp(model, docs, rollouts: Rollouts, detach_prefix: bool) -> torch.Tensor:
@@ -111,13 +115,13 @@ def refine_loss(model, docs: list, selection: Selection, rollouts: Rollouts, adv
     n_targets = sum(len(d) - 1 for d in docs)
     if path == "fast":
         fwd = doc_forward if doc_forward is not None else document_forward(model, docs, selection.positions)
-        ntp_sum = sum(_ntp_sum(logits, doc) for logits, doc in zip(fwd.logits, docs))
+        ntp_sum = _ntp_sum(model.head(torch.cat(fwd.hidden)), docs)  # (ΣL, D) -> (ΣL, V)
         first_logits, snapshots = fwd.first_logits, fwd.snapshots  # attached: grad flows into the prefix
         if cfg.detach_prefix:
             first_logits, snapshots = first_logits.detach(), [s.detach() for s in snapshots]
         logp = rollout_logp(model, first_logits, snapshots, rollouts.tokens, rollouts.n)  # (N, k)
     elif path == "reference":
-        ntp_sum = sum(_ntp_sum(model(doc[None])[0][0], doc) for doc in docs)  # (1, L, V) -> (L, V)
+        ntp_sum = sum(_ntp_sum(model(doc[None])[0][0], [doc]) for doc in docs)  # (1, L, V) -> (L, V)
         logp = _reference_logp(model, docs, rollouts, cfg.detach_prefix)  # (N, k)
     else:
         raise ValueError(f"unknown path {path!r}: choose 'fast' or 'reference'")

@@ -48,7 +48,7 @@ class Rollouts:
 
 @dataclass
 class DocumentForward:
-    logits: list  # per document (L_b, V): the NTP logits of the whole document
+    hidden: list  # per document (L_b, D): post-norm hidden states of the whole document (the NTP logits' input)
     first_logits: torch.Tensor  # (B·K, V) logits at each prefix end t: they give p(x̂_1)
     snapshots: list  # B·K ModelStates (batch 1): state after reading x_0..x_t (attached when built with grad)
 
@@ -58,33 +58,35 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
-def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor):
+def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor, to_end: bool = True):
     """One streaming pass over doc (L,) split after each position t_1 <= ... <= t_K (segment calls carry the state).
 
-    Returns logits (L, V), hidden (L, D) of the whole document and K snapshots (state after reading x_0..x_{t_j}).
-    Equal positions give an empty segment: the snapshot is then the previous one.
+    Returns the hidden states (L, D) of the whole document (of x_0..x_{t_K} only when not `to_end`: rollouts alone
+    do not need the tail) and K snapshots (state after reading x_0..x_{t_j}). Equal positions give an empty segment:
+    the snapshot is then the previous one. No LM head here: the caller applies model.head where it needs logits
+    (all positions for NTP, the K prefix ends for x̂_1).
     """
     L = doc.shape[0]
-    state, start, logits, hidden, snapshots = None, 0, [], [], []
-    for t in positions.tolist() + [L - 1]:  # segment j covers [start, t]; the last one runs to the document end
+    state, start, hidden, snapshots = None, 0, [], []
+    ends = positions.tolist() + ([L - 1] if to_end else [positions[-1].item()])
+    for t in ends:  # segment j covers [start, t]; the last one runs to the document end (if to_end)
         if t + 1 > start:
-            seg_logits, seg_hidden, state = model(doc[None, start:t + 1], state)  # (1, S, V), (1, S, D)
-            logits.append(seg_logits[0])
+            seg_hidden, state = model.encode(doc[None, start:t + 1], state)  # (1, S, D)
             hidden.append(seg_hidden[0])
             start = t + 1
         snapshots.append(state)
-    return torch.cat(logits), torch.cat(hidden), snapshots[:-1]  # (L, V), (L, D), K states
+    return torch.cat(hidden), snapshots[:-1]  # (L, D), K states
 
 
-def document_forward(model, docs: list, positions: torch.Tensor) -> DocumentForward:
+def document_forward(model, docs: list, positions: torch.Tensor, to_end: bool = True) -> DocumentForward:
     """segmented_forward for every document; grad flows through it unless called under no_grad."""
-    logits, first, snapshots = [], [], []
+    hidden, snapshots = [], []
     for b, doc in enumerate(docs):
-        doc_logits, _, doc_snaps = segmented_forward(model, doc, positions[b])
-        logits.append(doc_logits)
-        first.append(doc_logits[positions[b]])  # (L, V) index (K,) -> (K, V)
+        doc_hidden, doc_snaps = segmented_forward(model, doc, positions[b], to_end)
+        hidden.append(doc_hidden)
         snapshots += doc_snaps
-    return DocumentForward(logits=logits, first_logits=torch.cat(first), snapshots=snapshots)  # (B·K, V)
+    ends = torch.cat([h[p] for h, p in zip(hidden, positions)])  # (L_b, D) index (K,) -> (B·K, D)
+    return DocumentForward(hidden=hidden, first_logits=model.head(ends), snapshots=snapshots)  # (B·K, V)
 
 
 def can_stack(states: list) -> bool:
@@ -151,7 +153,7 @@ def rollouts_forked(model, docs: list, positions: torch.Tensor, k: int, n: int =
                     generator: torch.Generator | None = None) -> Rollouts:
     """The fast rollout phase on its own: one no-grad streaming pass per document, then forked decoding."""
     with eval_mode(model):
-        fwd = document_forward(model, docs, positions)
+        fwd = document_forward(model, docs, positions, to_end=False)  # tokens after the last prefix are not needed
     return sample_rollouts(model, fwd, positions, k, n, generator)
 
 

@@ -60,8 +60,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def ntp_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits (B, T, V) at position t predict tokens[:, t+1]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())  # (B*(T-1), V) vs (B*(T-1),)
+    """Mean next-token cross-entropy: logits (B, T, V) at position t predict tokens[:, t+1].
+
+    The last position has no target: it gets ignore_index instead of slicing logits[:, :-1], whose backward would
+    fill a whole (B, T, V) zero tensor just to write the slice into it."""
+    targets = F.pad(tokens[:, 1:], (0, 1), value=-100)  # (B, T): tokens shifted left, -100 = ignore at t = T-1
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)  # (B*T, V) vs (B*T,)
 
 
 def clip_and_step(model, optimizer, grad_clip: float) -> float:

@@ -21,7 +21,7 @@ def test_rollout_equal_to_ground_truth_gets_cosine_and_binary_one(mixer):
     positions, k = torch.tensor([4, 13, 22, 30]), 5
     entropy, h_gt = teacher_forced_pass(model, doc[None])
     with torch.no_grad():
-        _, _, snaps = segmented_forward(model, doc, positions)
+        _, snaps = segmented_forward(model, doc, positions)
         gt = torch.stack([doc[t + 1:t + 1 + k] for t in positions.tolist()])  # (K, k)
         h_pred = torch.cat([model(gt[j:j + 1], s)[1] for j, s in enumerate(snaps)])  # (K, k, D)
     ro = Rollouts(tokens=gt, old_logp=torch.zeros(4, k), h_pred=h_pred, doc=torch.zeros(4, dtype=torch.long),

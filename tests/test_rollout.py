@@ -24,7 +24,8 @@ def test_segmented_pass_equals_full_pass_and_prefix_encoding(mixer):
     like the prefix encoded from scratch (the state after x_0..x_t)."""
     model, docs, positions = make(mixer)
     with torch.no_grad():
-        logits, hidden, snaps = segmented_forward(model, docs[0], positions[0])
+        hidden, snaps = segmented_forward(model, docs[0], positions[0])
+        logits = model.head(hidden)
         full_logits, full_hidden, _ = model(docs[0][None])
         torch.testing.assert_close(logits, full_logits[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(hidden, full_hidden[0], atol=1e-5, rtol=1e-5)
@@ -81,7 +82,7 @@ def test_forked_states_are_independent(mixer):
     and fork 1 still decodes exactly as the original state does."""
     model, docs, positions = make(mixer)
     with torch.no_grad():
-        _, _, snaps = segmented_forward(model, docs[0], positions[0])
+        _, snaps = segmented_forward(model, docs[0], positions[0])
         original = snaps[1]
         before = original.clone()
         forks = fork(original, 2)

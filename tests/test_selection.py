@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refine_mini.model import FastWeightLM, ModelConfig
-from refine_mini.selection import (edge_clamp, pad_documents, select_positions, smooth_entropy, smoothing_kernel,
+from refine_mini.selection import (edge_clamp, entropy_from_hidden, pad_documents, select_positions, smooth_entropy, smoothing_kernel,
                                    teacher_forced_pass)
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
@@ -126,3 +126,14 @@ def test_bad_inputs_raise_value_error():
 def test_pad_documents_right_pads():
     tokens, lengths = pad_documents([torch.tensor([1, 2, 3]), torch.tensor([4])])
     assert tokens.tolist() == [[1, 2, 3], [4, 0, 0]] and lengths.tolist() == [3, 1]
+
+
+def test_blocked_entropy_equals_one_block():
+    """entropy_from_hidden in row blocks (ragged last block) equals the one-block computation."""
+    torch.manual_seed(0)
+    model = FastWeightLM(ModelConfig(mixer="deltanet", **TINY))
+    hidden = torch.randn(3, 7, 32)
+    one = entropy_from_hidden(model, hidden, block=10**6)
+    torch.testing.assert_close(entropy_from_hidden(model, hidden, block=5), one, atol=0, rtol=0)
+    p = torch.softmax(model.head(hidden).double(), -1)
+    torch.testing.assert_close(one.double(), -(p * p.log()).sum(-1), atol=1e-5, rtol=1e-5)

@@ -146,3 +146,12 @@ def test_cli_rejects_bad_arguments_with_status_2(argv, message, capsys, tmp_path
         train.main([*argv, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_ntp_loss_is_shifted_cross_entropy():
+    """ntp_loss (ignore_index on the last position) equals the plain mean of -log p(x_{t+1} | x_<=t)."""
+    g = torch.Generator().manual_seed(0)
+    logits, tokens = torch.randn(3, 9, 11, generator=g), torch.randint(0, 11, (3, 9), generator=g)
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)  # (3, 8, 11)
+    expected = -logp.gather(2, tokens[:, 1:, None]).mean()
+    torch.testing.assert_close(ntp_loss(logits, tokens).double(), expected, atol=1e-6, rtol=1e-6)
