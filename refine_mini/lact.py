@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refine_mini.lact_ops import lact_chunked
+from refine_mini.lact_ragged import LaCTRaggedState, ragged_forward, to_ragged
+from refine_mini.rope import apply_rope
 
 TTT_NORM_EPS = 1e-5  # per-head RMSNorm on the TTT output (released value)
 QK_L2_EPS = 1e-5  # x / (||x|| + eps) on the fast q, k
@@ -52,18 +54,6 @@ class LaCTState:
     swa_k: torch.Tensor  # (B, n_kv, Ha, dh) last n_kv <= window-1 attention keys, post-RoPE
     swa_v: torch.Tensor  # (B, n_kv, Ha, dh) their values
     pos: int  # absolute position of the next token (same for every row)
-
-
-def apply_rope(x, pos0, theta):
-    """Rotate-half RoPE at absolute positions pos0 .. pos0+T-1. x (B, T, H, dh) -> same shape."""
-    T, dh = x.shape[1], x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float64, device=x.device) / dh)  # (dh/2,)
-    positions = torch.arange(pos0, pos0 + T, dtype=torch.float64, device=x.device)  # (T,)
-    angles = positions[:, None] * inv_freq[None, :]  # (T, 1) * (1, dh/2) -> (T, dh/2)
-    cos = angles.cos().to(x.dtype)[None, :, None, :]  # (1, T, 1, dh/2)
-    sin = angles.sin().to(x.dtype)[None, :, None, :]
-    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]  # (B, T, H, dh/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)  # (B, T, H, dh)
 
 
 def sliding_window_attention(q, k, v, n_past, window):
@@ -149,15 +139,47 @@ class LaCT(nn.Module):
                          swa_k=torch.zeros(B, 0, Ha, dh, device=device, dtype=dtype),
                          swa_v=torch.zeros(B, 0, Ha, dh, device=device, dtype=dtype), pos=0)
 
+    def fast_inputs(self, x, q, k, v, sd):
+        """TTT-branch inputs from x (B, T, D) and its q, k, v (B, T, D): fast q, k, v (B, T, Hf, d), per-token lrs
+        eta (B, T, Hf, 3) and momentum (B, T, Hf) in the fast-weight dtype sd."""
+        B, T, _ = x.shape
+        Hf, d = self.n_heads_fast, self.head_dim_fast
+        fq = q * self.qk_scale[0] + self.qk_offset[0]  # (B, T, D)
+        fk = k * self.qk_scale[1] + self.qk_offset[1]
+        fq, fk, fv = (F.silu(t).view(B, T, Hf, d) for t in (fq, fk, v))  # (B, T, Hf, d)
+        fq = fq / (fq.norm(dim=-1, keepdim=True) + QK_L2_EPS)
+        fk = fk / (fk.norm(dim=-1, keepdim=True) + QK_L2_EPS)
+        base = math.log(math.expm1(BASE_LR))  # softplus^-1(1e-3)
+        eta = F.softplus(self.lr_proj(x).to(sd) + base).view(B, T, Hf, 3)  # (B, T, 3 Hf) -> (B, T, Hf, 3)
+        if self.use_momentum:
+            mom = torch.sigmoid(self.momentum_proj(x).to(sd))  # (B, T, Hf)
+        else:
+            mom = torch.zeros(B, T, Hf, device=x.device, dtype=sd)
+        return fq, fk, fv, eta, mom
+
+    def combine(self, x, attn, o):
+        """Output: o_proj(attn + gated, normed TTT output). attn (B, T, D), o (B, T, Hf, d) -> (B, T, D)."""
+        B, T, D = x.shape
+        o = o.to(x.dtype)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + TTT_NORM_EPS) * self.ttt_norm_weight
+        o = o * F.silu(self.ttt_scale_proj(x)).unsqueeze(-1)  # (B, T, Hf, d) * (B, T, Hf, 1)
+        return self.o_proj(attn + o.reshape(B, T, D))  # (B, T, Hf, d) -> (B, T, D); shared o_proj
+
+    def ragged_state(self, state: "LaCTState") -> LaCTRaggedState:
+        """The same state in the stackable layout of lact_ragged.py (fixed-size buffers, per-row counts)."""
+        return to_ragged(state, self.chunk_size, self.window)
+
     def forward(self, x, state=None):
         B, T, D = x.shape
         if D != self.d_model or T < 1:
             raise ValueError(f"expected x of shape (B, T>=1, {self.d_model}), got {tuple(x.shape)}")
         if state is None:
             state = self.initial_state(B, x.dtype, x.device)
+        if isinstance(state, LaCTRaggedState):  # stacked rows at different positions (rollouts)
+            return ragged_forward(self, x, state)
         if state.w0.shape[0] != B:
             raise ValueError(f"state batch {state.w0.shape[0]} != input batch {B}")
-        Ha, dh, Hf, d = self.n_heads_attn, self.head_dim_attn, self.n_heads_fast, self.head_dim_fast
+        Ha, dh = self.n_heads_attn, self.head_dim_attn
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, 3D) -> 3 x (B, T, D)
 
         # (a) sliding-window attention with absolute-position RoPE; cache keeps post-RoPE keys.
@@ -172,27 +194,13 @@ class LaCT(nn.Module):
         swa_k, swa_v = ka[:, ka.shape[1] - keep:], va[:, va.shape[1] - keep:]  # (B, keep, Ha, dh)
 
         # (b) TTT branch on the same q, k, v (NoPE).
-        fq = q * self.qk_scale[0] + self.qk_offset[0]  # (B, T, D)
-        fk = k * self.qk_scale[1] + self.qk_offset[1]
-        fq, fk, fv = (F.silu(t).view(B, T, Hf, d) for t in (fq, fk, v))  # (B, T, Hf, d)
-        fq = fq / (fq.norm(dim=-1, keepdim=True) + QK_L2_EPS)
-        fk = fk / (fk.norm(dim=-1, keepdim=True) + QK_L2_EPS)
-        sd = state.w0.dtype
-        base = math.log(math.expm1(BASE_LR))  # softplus^-1(1e-3)
-        eta = F.softplus(self.lr_proj(x).to(sd) + base).view(B, T, Hf, 3)  # (B, T, 3 Hf) -> (B, T, Hf, 3)
-        if self.use_momentum:
-            mom = torch.sigmoid(self.momentum_proj(x).to(sd))  # (B, T, Hf)
-        else:
-            mom = torch.zeros(B, T, Hf, device=x.device, dtype=sd)
+        fq, fk, fv, eta, mom = self.fast_inputs(x, q, k, v, state.w0.dtype)  # (B, T, Hf, .)
         buffer = tuple(map(to_kernel, (state.buf_k, state.buf_v, state.buf_eta, state.buf_m)))
         o, ws, ms, buffer = lact_chunked(
             to_kernel(fq), to_kernel(fk), to_kernel(fv), to_kernel(eta), to_kernel(mom),
             (state.w0, state.w1, state.w2), (state.m0, state.m1, state.m2), (state.n0, state.n1, state.n2),
             buffer, self.chunk_size, self.use_momentum, self.use_muon)  # o (B, Hf, T, d)
-        o = o.transpose(1, 2)  # (B, T, Hf, d)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + TTT_NORM_EPS) * self.ttt_norm_weight
-        o = o * F.silu(self.ttt_scale_proj(x)).unsqueeze(-1)  # (B, T, Hf, d) * (B, T, Hf, 1)
-        y = self.o_proj(attn + o.reshape(B, T, D))  # (B, T, Hf, d) -> (B, T, D); shared o_proj
+        y = self.combine(x, attn, o.transpose(1, 2))  # (B, T, D)
 
         buf_k, buf_v, buf_eta, buf_m = map(to_kernel, buffer)  # back to (B, n_buf, Hf, ...)
         new_state = LaCTState(*ws, *ms, state.n0, state.n1, state.n2, buf_k=buf_k, buf_v=buf_v,

@@ -8,9 +8,9 @@ From the recurrent state after the prefix x_0..x_t the current policy samples EX
 Fast path ("fast weight transfer", the paper's future work, §4 / §9): the K prefix states of a document come from
 ONE streaming pass split at the selected positions (`segmented_forward`: segment calls that carry the state; the
 snapshot is the state after each segment). Each snapshot is forked n times (`fork` = ModelState.repeat_interleave,
-new memory per row). When all snapshots have the same layout (DeltaNet: tensor-only states) the K·n forks of the
-whole batch decode as ONE batch; LaCT states at different positions (int `pos`, variable-length chunk buffers)
-cannot be ModelState.cat-ed, so they decode one prefix at a time.
+new memory per row). The K·n forks of the whole batch decode as ONE batch: DeltaNet states stack as they are; LaCT
+states at different positions (int `pos`, variable-length chunk buffers) are first converted to the fixed-shape
+layout of lact_ragged.py (`stack_states`).
 `rollout_logp` recomputes the same log-probs WITH grad from the attached snapshots (for the PPO loss).
 
 Reference path (`rollouts_reference`), as the official code does it: every prefix is encoded from scratch, the k
@@ -105,6 +105,15 @@ def can_stack(states: list) -> bool:
     return True
 
 
+def stack_states(model, states: list) -> ModelState:
+    """One batch of the S single-row snapshots. Snapshots at different positions of a LaCT model differ in layout
+    (int position, partial-chunk lengths); they are first converted to the stackable lact_ragged layout."""
+    if not can_stack(states):
+        states = [ModelState([block.mixer.ragged_state(layer) if hasattr(block.mixer, "ragged_state") else layer
+                              for block, layer in zip(model.blocks, s.layers)]) for s in states]
+    return ModelState.cat(states)
+
+
 def fork(state: ModelState, n: int) -> ModelState:
     """n independent copies of every row (rows a, b -> a, a, b, b): new memory, still differentiable."""
     return state.repeat_interleave(n)
@@ -131,10 +140,7 @@ def sample_from_states(model, states: list, first_logits: torch.Tensor, k: int, 
                        generator: torch.Generator | None):
     """States (S of batch 1) + logits at each prefix end (S, V) -> tokens (S·n, k), old_logp (S·n, k), h_pred."""
     with eval_mode(model):
-        if can_stack(states):  # one decode batch of all S·n forks
-            return _decode(model, ModelState.cat(states), first_logits, k, n, generator)
-        parts = [_decode(model, s, first_logits[i:i + 1], k, n, generator) for i, s in enumerate(states)]
-        return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+        return _decode(model, stack_states(model, states), first_logits, k, n, generator)  # one batch of S·n forks
 
 
 def sample_rollouts(model, fwd: DocumentForward, positions: torch.Tensor, k: int, n: int,
@@ -189,10 +195,6 @@ def rollout_logp(model, first_logits: torch.Tensor, snapshots: list, tokens: tor
     logp_first = first.gather(1, tokens[:, :1])  # (N, V) gather (N, 1) -> (N, 1)
     if k == 1:
         return logp_first
-    if can_stack(snapshots):
-        logits, _, _ = model(tokens[:, :-1], fork(ModelState.cat(snapshots), n))  # (N, k-1, V)
-    else:
-        logits = torch.cat([model(tokens[i * n:(i + 1) * n, :-1], fork(s, n))[0]  # (n, k-1, V) each
-                            for i, s in enumerate(snapshots)])  # -> (N, k-1, V)
+    logits, _, _ = model(tokens[:, :-1], fork(stack_states(model, snapshots), n))  # (N, k-1, V)
     logp_rest = log_probs(logits).gather(2, tokens[:, 1:, None])[..., 0]  # (N, k-1, 1) -> (N, k-1)
     return torch.cat([logp_first, logp_rest], dim=1)  # (N, k)
