@@ -9,8 +9,9 @@ of the autograd graph, so the slow weights learn to write fast-weight memory tha
 
 Two paths compute `refine_loss` for FIXED rollouts and agree in loss and every gradient (tests/test_refine_step.py):
 - fast (default): ONE forward with grad per document, split at its selected positions (rollout.segmented_forward).
-  It gives the NTP logits and the attached state snapshots; logp(x̂_1) is read off the document logits at the
-  prefix end, and x̂_1..x̂_{k-1} go through one multi-token call from each attached, forked snapshot.
+  It gives the hidden states (-> NTP logits via model.head) and the attached state snapshots; logp(x̂_1) comes
+  from the logits at the c prefix ends only, and x̂_1..x̂_{k-1} go through ONE multi-token call from all attached
+  snapshots stacked and forked (rollout.stack_states).
   In `refine_step` the same forward also feeds the rollouts (sampled from DETACHED copies of the snapshots).
 - reference (clarity, as the official code): NTP on each whole document, plus [prefix ; rollout] re-encoded from
   scratch with grad for every prefix.
