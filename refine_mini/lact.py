@@ -170,13 +170,43 @@ class LaCT(nn.Module):
         return to_ragged(state, self.chunk_size, self.window)
 
     def forward(self, x, state=None):
+        y, new_state, _ = self._run(x, state)
+        return y, new_state
+
+    def forward_recorded(self, x):
+        """forward(x) from the start, plus a record from which `snapshots` rebuilds the state after any position."""
+        history = []
+        y, final, inputs = self._run(x, None, history)
+        return y, (history, final, inputs)
+
+    def snapshots(self, record, ends):
+        """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph):
+        fast weights after the chunks complete by then, the partial chunk's tokens, the attention window, the
+        position. Equal to segmenting each row's pass (tested); REFINE takes its prefix snapshots this way."""
+        history, final, (ka, va, fk, fv, eta, mom) = record
+        C, keep, sd = self.chunk_size, self.window - 1, final.w0.dtype
+        snaps = []
+        for b, row in enumerate(ends):
+            r = slice(b, b + 1)
+            for t in row:
+                j = (t + 1) // C  # chunks complete after t+1 tokens; history[j] = fast weights after them
+                (w0, w1, w2), (m0, m1, m2) = history[j]
+                lo = max(0, t + 1 - keep)  # the window keeps the last W-1 keys
+                snaps.append(LaCTState(w0[r], w1[r], w2[r], m0[r], m1[r], m2[r], final.n0[r], final.n1[r],
+                                       final.n2[r], buf_k=fk[r, j * C:t + 1].to(sd), buf_v=fv[r, j * C:t + 1].to(sd),
+                                       buf_eta=eta[r, j * C:t + 1], buf_m=mom[r, j * C:t + 1],
+                                       swa_k=ka[r, lo:t + 1], swa_v=va[r, lo:t + 1], pos=t + 1))
+        return snaps
+
+    def _run(self, x, state, history=None):
+        """forward, plus what snapshots need: post-RoPE keys/values (B, n_kv + T, Ha, dh) and the fast inputs."""
         B, T, D = x.shape
         if D != self.d_model or T < 1:
             raise ValueError(f"expected x of shape (B, T>=1, {self.d_model}), got {tuple(x.shape)}")
         if state is None:
             state = self.initial_state(B, x.dtype, x.device)
         if isinstance(state, LaCTRaggedState):  # stacked rows at different positions (rollouts)
-            return ragged_forward(self, x, state)
+            return (*ragged_forward(self, x, state), None)
         if state.w0.shape[0] != B:
             raise ValueError(f"state batch {state.w0.shape[0]} != input batch {B}")
         Ha, dh = self.n_heads_attn, self.head_dim_attn
@@ -199,10 +229,10 @@ class LaCT(nn.Module):
         o, ws, ms, buffer = lact_chunked(
             to_kernel(fq), to_kernel(fk), to_kernel(fv), to_kernel(eta), to_kernel(mom),
             (state.w0, state.w1, state.w2), (state.m0, state.m1, state.m2), (state.n0, state.n1, state.n2),
-            buffer, self.chunk_size, self.use_momentum, self.use_muon)  # o (B, Hf, T, d)
+            buffer, self.chunk_size, self.use_momentum, self.use_muon, history)  # o (B, Hf, T, d)
         y = self.combine(x, attn, o.transpose(1, 2))  # (B, T, D)
 
         buf_k, buf_v, buf_eta, buf_m = map(to_kernel, buffer)  # back to (B, n_buf, Hf, ...)
         new_state = LaCTState(*ws, *ms, state.n0, state.n1, state.n2, buf_k=buf_k, buf_v=buf_v,
                               buf_eta=buf_eta, buf_m=buf_m, swa_k=swa_k, swa_v=swa_v, pos=state.pos + T)
-        return y, new_state
+        return y, new_state, (ka, va, fk, fv, eta, mom)

@@ -168,6 +168,27 @@ class FastWeightLM(nn.Module):
             new_states.append(layer_state)
         return self.final_norm(x), ModelState(new_states)  # (B, T, D): the vector REFINE's cosine reward compares
 
+    def can_snapshot(self) -> bool:
+        """True when every mixer can rebuild prefix states from a recorded full pass (LaCT)."""
+        return all(hasattr(block.mixer, "forward_recorded") for block in self.blocks)
+
+    def encode_recorded(self, tokens: torch.Tensor):
+        """encode(tokens) from the start, plus per-layer records for `snapshots`. Needs can_snapshot()."""
+        x = self.embed(tokens)  # (B, T, D)
+        records = []
+        for block in self.blocks:
+            mixed, record = block.mixer.forward_recorded(block.mixer_norm(x))
+            x = x + mixed
+            x = x + block.mlp(block.mlp_norm(x))
+            records.append(record)
+        return self.final_norm(x), records  # (B, T, D)
+
+    def snapshots(self, records: list, ends: list) -> list:
+        """For each row b and position t in ends[b], the ModelState after reading tokens[b, :t+1] (batch 1,
+        attached to the recorded pass's graph), row-major."""
+        per_layer = [block.mixer.snapshots(rec, ends) for block, rec in zip(self.blocks, records)]
+        return [ModelState(list(layers)) for layers in zip(*per_layer)]
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> logits (..., V) in fp32 at least (an fp64 model stays fp64)."""
         logits = self.lm_head(hidden)  # (..., D) @ (D, V) -> (..., V)

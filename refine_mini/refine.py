@@ -25,6 +25,9 @@ Schedules (`schedule`):
   the only place where the PPO clip acts. Advantages are computed once on the whole batch (groups never straddle
   mini-batches: a group lies inside one document).
 
+For LaCT (model.can_snapshot()) the "single" schedule runs ONE forward in all: the teacher-forced pass of step 1
+is the training forward itself (with grad; entropies and h_gt read off it detached, identical values since the
+models have no dropout), and the prefix snapshots are rebuilt afterwards from its record (LaCT.snapshots).
 Deviations: the NTP term is the token-mean CE over all documents of the (mini-)batch (verl averages per micro-batch);
 documents are unpadded (right padding only for the no-grad teacher pass); see selection.py / grpo.py for theirs.
 """
@@ -36,9 +39,10 @@ import torch.nn.functional as F
 
 from refine_mini.grpo import group_advantages, group_ids, ppo_clip_loss
 from refine_mini.rewards import REWARDS, compute_rewards
-from refine_mini.rollout import (Rollouts, document_forward, log_probs, rollout_logp, rollouts_forked,
-                                 sample_rollouts)
-from refine_mini.selection import MODES, Selection, pad_documents, select_positions, teacher_forced_pass
+from refine_mini.rollout import (Rollouts, document_forward, log_probs, recorded_forward, rollout_logp,
+                                 rollouts_forked, sample_rollouts)
+from refine_mini.selection import (MODES, Selection, entropy_from_hidden, pad_documents, select_positions,
+                                  teacher_forced_pass)
 from refine_mini.trainer import clip_and_step
 
 
@@ -156,14 +160,22 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
     padded, lengths = pad_documents(docs)  # (B, T_max), (B,)
     optimizer.zero_grad(set_to_none=True)
 
-    # 1) select positions by entropy: a no-grad teacher-forced pass gives e_t and h_gt (eval mode)
-    entropy, h_gt = teacher_forced_pass(model, padded)  # (B, T_max), (B, T_max, D)
+    # 1) select positions by entropy: a teacher-forced pass gives e_t and h_gt
+    recorded = cfg.schedule == "single" and model.can_snapshot()
+    if recorded:  # LaCT: the training forward (WITH grad) is that pass; snapshots are rebuilt from its record below
+        full, records = model.encode_recorded(padded)  # (B, T_max, D)
+        h_gt = full.detach()
+        with torch.no_grad():
+            entropy = entropy_from_hidden(model, h_gt)  # (B, T_max)
+    else:  # a separate no-grad pass (eval mode)
+        entropy, h_gt = teacher_forced_pass(model, padded)  # (B, T_max), (B, T_max, D)
     selection = select_positions(entropy, lengths, cfg.c, cfg.k, cfg.selection, cfg.tau, cfg.smooth_kernel,
                                  generator, cfg.min_prefix, cfg.end_margin)  # positions (B, c)
 
     # 2) rollouts: k tokens from every prefix state, n times
     if cfg.schedule == "single":
-        fwd = document_forward(model, docs, selection.positions)  # WITH grad: NTP logits + attached snapshots
+        fwd = (recorded_forward(model, full, records, lengths.tolist(), selection.positions) if recorded
+               else document_forward(model, docs, selection.positions))  # WITH grad: hidden + attached snapshots
         rollouts = sample_rollouts(model, fwd, selection.positions, cfg.k, cfg.n, generator)  # detached copies
     else:
         fwd = None

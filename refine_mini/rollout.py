@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from refine_mini.model import ModelState, sample_token
-from refine_mini.selection import eval_mode
+from refine_mini.selection import eval_mode, pad_documents
 
 
 @dataclass
@@ -79,12 +79,30 @@ def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor, to_end:
 
 
 def document_forward(model, docs: list, positions: torch.Tensor, to_end: bool = True) -> DocumentForward:
-    """segmented_forward for every document; grad flows through it unless called under no_grad."""
+    """The document hidden states and the B·K prefix snapshots; grad flows through them unless under no_grad.
+
+    Models whose mixers snapshot from a full pass (LaCT) read all documents as ONE right-padded batch (causal, so
+    padding changes nothing before it); others (DeltaNet, whose chunk kernel keeps its per-chunk states inside a
+    custom autograd Function) run segmented_forward per document."""
+    if model.can_snapshot():
+        padded, lengths = pad_documents(docs)  # (B, T_max), (B,)
+        full, records = model.encode_recorded(padded)  # (B, T_max, D)
+        return recorded_forward(model, full, records, lengths.tolist(), positions)
     hidden, snapshots = [], []
     for b, doc in enumerate(docs):
         doc_hidden, doc_snaps = segmented_forward(model, doc, positions[b], to_end)
         hidden.append(doc_hidden)
         snapshots += doc_snaps
+    return _assemble(model, hidden, positions, snapshots)
+
+
+def recorded_forward(model, full: torch.Tensor, records: list, lengths: list, positions: torch.Tensor):
+    """DocumentForward from a recorded padded pass (model.encode_recorded): hidden (B, T_max, D) cut to lengths."""
+    snapshots = model.snapshots(records, [p.tolist() for p in positions])
+    return _assemble(model, [full[b, :n] for b, n in enumerate(lengths)], positions, snapshots)
+
+
+def _assemble(model, hidden: list, positions: torch.Tensor, snapshots: list) -> DocumentForward:
     ends = torch.cat([h[p] for h, p in zip(hidden, positions)])  # (L_b, D) index (K,) -> (B·K, D)
     return DocumentForward(hidden=hidden, first_logits=model.head(ends), snapshots=snapshots)  # (B·K, V)
 

@@ -106,6 +106,26 @@ def test_single_schedule_step_is_on_policy_and_logs_every_key(mixer):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_lact_one_recorded_forward_equals_separate_selection_pass(monkeypatch):
+    """LaCT's single-schedule step (teacher-forced pass = training forward, snapshots rebuilt from its record) takes
+    the same positions, rollouts, losses and update as the generic path (no-grad pass, then a segmented forward)."""
+    results = []
+    for recorded in (True, False):
+        model = make_model("lact", dtype=torch.float64)
+        if not recorded:
+            monkeypatch.setattr(model, "can_snapshot", lambda: False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        docs = [torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(b)) for b in range(2)]
+        metrics = refine_step(model, optimizer, docs, RefineConfig(c=4, k=3), torch.Generator().manual_seed(0))
+        results.append((metrics, [p.detach().clone() for p in model.parameters()]))
+    (m_a, p_a), (m_b, p_b) = results
+    for key in ("loss", "ntp_loss", "policy_loss", "reward_cosine_mean", "reward_binary_mean",
+                "selected_entropy_mean", "grad_norm"):
+        assert m_a[key] == pytest.approx(m_b[key], rel=1e-9, abs=1e-12), key
+    for a, b in zip(p_a, p_b):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 def test_minibatch_schedule_takes_one_step_per_minibatch_and_goes_off_policy():
     """Official schedule: rollouts for the whole batch, then M steps; step 1 is on-policy, later ones are not."""
     model = make_model("deltanet")

@@ -36,6 +36,47 @@ def test_segmented_pass_equals_full_pass_and_prefix_encoding(mixer):
             torch.testing.assert_close(from_snapshot, from_scratch, atol=1e-5, rtol=1e-5)
 
 
+def test_lact_snapshots_from_one_batched_pass_equal_segmented_snapshots():
+    """LaCT's recorded pass (one right-padded batch, states rebuilt from the chunk history, the partial chunk and
+    the window) == segmenting each document's pass, in fp64: every field of every snapshot, the hidden states, and
+    the gradient of a loss that reads the snapshots."""
+    torch.manual_seed(0)
+    model = FastWeightLM(ModelConfig(mixer="lact", **TINY)).double()
+    docs = [torch.randint(0, 64, (40,)), torch.randint(0, 64, (33,))]
+    positions = torch.tensor([[0, 7, 15, 30], [3, 8, 20, 27]])  # chunk-aligned, partial, window partly filled
+
+    def run(batched):
+        model.zero_grad(set_to_none=True)
+        if batched:
+            fwd = document_forward(model, docs, positions)
+        else:
+            hidden, snaps = zip(*(segmented_forward(model, d, p) for d, p in zip(docs, positions)))
+            fwd = (list(hidden), [s for doc_snaps in snaps for s in doc_snaps])
+        hidden, snaps = (fwd.hidden, fwd.snapshots) if batched else fwd
+        loss = sum(h.square().sum() for h in hidden)
+        for s in snaps:
+            loss = loss + sum(t.square().sum() for layer in s.layers for t in vars(layer).values()
+                              if isinstance(t, torch.Tensor))
+        loss.backward()
+        return hidden, snaps, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (h_a, s_a, g_a), (h_b, s_b, g_b) = run(True), run(False)
+    assert model.can_snapshot() and len(s_a) == len(s_b) == 8  # LaCT takes the recorded path
+    for a, b in zip(h_a, h_b):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    for sa, sb in zip(s_a, s_b):
+        for la, lb in zip(sa.layers, sb.layers):
+            for name, value in vars(lb).items():
+                other = getattr(la, name)
+                if isinstance(value, torch.Tensor):
+                    torch.testing.assert_close(other, value, atol=1e-10, rtol=1e-10)
+                else:
+                    assert other == value, name
+    assert g_a.keys() == g_b.keys()
+    for name in g_b:
+        torch.testing.assert_close(g_a[name], g_b[name], atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_forked_rollouts_have_exactly_k_tokens_and_correct_logp_and_hidden(mixer):
     """Shapes (B·K·n, k); row order doc-major; old_logp and h_pred equal a from-scratch forward over [prefix; rollout]."""
