@@ -205,21 +205,27 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     Checked against `_delta_rule_chunked_autograd` and by gradcheck."""
 
     @staticmethod
-    def forward(ctx, qz, kz, vz, bz, h0, scale):
+    def forward(ctx, qz, kz, vz, bz, h0, scale, with_states):
         o, h, saved = _chunk_forward(qz, kz, vz, bz, h0, scale)
         ctx.save_for_backward(qz, kz, vz, bz, *saved)
         ctx.scale = scale
-        return o, h
+        C = qz.shape[1]
+        hs = saved[-1][:, C:].clone() if with_states else h.new_empty(0)  # states entering each chunk (Z,Dk,Dv)
+        return o, h, hs
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, do, dh):
-        return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors), None)
+    def backward(ctx, do, dh, dhs):
+        dhs = dhs if dhs.numel() else None
+        return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None)
 
 
 def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64,
-                       scale: float | None = None, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       scale: float | None = None, initial_state: Tensor | None = None,
+                       chunk_states: bool = False):
     """Chunkwise WY/UT form; same contract as `delta_rule_recurrent` plus `chunk_size` (any int >= 1).
+    With chunk_states=True it also returns the state entering every chunk, (B, H, N, Dk, Dv), differentiable
+    (REFINE rebuilds prefix snapshots from them, deltanet.py).
 
     T is zero-padded to a multiple of C (padded rows have k = 0, beta = 0: exact no-ops). All per-chunk work is done
     as batched matmuls over a (B·H·N, C, .) view; only the state recurrence runs sequentially over N = T/C chunks.
@@ -230,6 +236,8 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
-    o, h = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale)
+    o, h, hs = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale, chunk_states)
     o = o.view(B, H, N * chunk_size, Dv)[:, :, :T]                      # (B,H,T,Dv): drop padded rows
+    if chunk_states:
+        return o.to(q.dtype), h.view(B, H, Dk, Dv), hs.view(B, H, N, Dk, Dv)
     return o.to(q.dtype), h.view(B, H, Dk, Dv)

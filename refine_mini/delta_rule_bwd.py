@@ -19,9 +19,10 @@ Tensor = torch.Tensor
 
 
 def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor,
-                   kb: Tensor, Tm: Tensor, W: Tensor, M: Tensor, UH: Tensor):
+                   kb: Tensor, Tm: Tensor, W: Tensor, M: Tensor, UH: Tensor, dh_chunks: Tensor | None = None):
     """Gradients (dq, dk, dv, dbeta, dh0) of `delta_rule._chunk_forward`. do (Z,C,Dv), dhN (BH,Dk,Dv); saved:
     kb = diag(b) K (Z,C,Dk), Tm (Z,C,C), W (Z,C,Dk), M (Z,C,C), UH = [U'; h_n] (Z,C+Dk,Dv).
+    dh_chunks (Z,Dk,Dv), optional: gradient reaching the state entering each chunk from outside (chunk_states=True).
     Returns dq, dk (Z,C,Dk), dv (Z,C,Dv), dbeta (Z,C,1), dh0 (BH,Dk,Dv)."""
     Z, C, Dk = kz.shape
     BH, _, Dv = dhN.shape
@@ -37,6 +38,8 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
         dhs.append(dh)                                                  # dh_{n+1}: the gradient leaving chunk n
         dUs.append(torch.baddbmm(dUp[:, n], K4[:, n], dh))              # (BH,C,Dk)@(BH,Dk,Dv)
         dh = torch.baddbmm(E[:, n], W4[:, n].mT, dUs[-1], alpha=-1.0).add_(dh)  # (BH,Dk,C)@(BH,C,Dv)
+        if dh_chunks is not None:
+            dh = dh + dh_chunks.view(BH, N, Dk, Dv)[:, n]                     # h_n is also read outside the kernel
     dUp = torch.stack(dUs[::-1], dim=1).view(Z, C, Dv)                  # dU' (Z,C,Dv)
     dhn = torch.stack(dhs[::-1], dim=1).view(Z, Dk, Dv)                 # (Z,Dk,Dv)
     Up = UH[:, :C]                                                      # U' (Z,C,Dv)

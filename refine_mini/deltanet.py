@@ -75,6 +75,35 @@ class DeltaNet(nn.Module):
                              conv=torch.zeros(batch, self.conv_size - 1, self.channels, device=device))
 
     def forward(self, x: torch.Tensor, state: DeltaNetState | None = None) -> tuple[torch.Tensor, DeltaNetState]:
+        y, state, _ = self._run(x, state)
+        return y, state
+
+    def forward_recorded(self, x: torch.Tensor):
+        """forward(x) from the start, plus a record from which `snapshots` rebuilds the state after any position."""
+        y, _, record = self._run(x, None, record=True)
+        return y, record
+
+    def snapshots(self, record, ends) -> list:
+        """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph): the
+        state entering t's chunk (an output of the chunked kernel) advanced over the r <= C tokens of that chunk up
+        to t, and the conv window of the last W-1 projections. Equal to segmenting each row's pass (tested)."""
+        ctx, q, k, v, beta, hs, final = record  # ctx (B, W-1+T, ch); q..beta (B, H, T, .); hs (B, H, N, Dk, Dv)
+        C, W = self.chunk_size, self.conv_size
+        hs = torch.cat([hs, final[:, :, None]], 2)  # (B, H, N+1, Dk, Dv): + the state after the last chunk
+        snaps = []
+        for b, row in enumerate(ends):
+            r = slice(b, b + 1)
+            for t in row:
+                n = (t + 1) // C  # complete chunks in x[b, :t+1]
+                S = hs[r, :, n]  # (1, H, Dk, Dv)
+                if t + 1 > n * C:  # the partial chunk n*C .. t
+                    part = slice(n * C, t + 1)
+                    S = delta_rule_chunked(q[r, :, part], k[r, :, part], v[r, :, part], beta[r, :, part],
+                                           chunk_size=C, initial_state=S)[1]
+                snaps.append(DeltaNetState(S=S, conv=ctx[r, t + 1:t + W]))  # ctx index = token index + W-1
+        return snaps
+
+    def _run(self, x: torch.Tensor, state: DeltaNetState | None, record: bool = False):
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -100,7 +129,11 @@ class DeltaNet(nn.Module):
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)                         # (B,T,H) -> (B,H,T)
 
         # kernel switch as in fla: chunked for long calls, recurrent for short ones (both agree, tested)
-        if T > self.recurrent_below:
+        hs = None
+        if record:  # the states entering every chunk too, for snapshots
+            o, S, hs = delta_rule_chunked(q, k, v, beta, chunk_size=self.chunk_size, initial_state=state.S,
+                                          chunk_states=True)
+        elif T > self.recurrent_below:
             o, S = delta_rule_chunked(q, k, v, beta, chunk_size=self.chunk_size, initial_state=state.S)
         else:
             o, S = delta_rule_recurrent(q, k, v, beta, initial_state=state.S)         # o (B,H,T,Dv)
@@ -109,4 +142,5 @@ class DeltaNet(nn.Module):
         o32 = o.float() if o.dtype != torch.float64 else o                          # norm in fp32 (weights fp32)
         o = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight).to(x.dtype)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dv))                    # (B,T,H·Dv) -> (B,T,D)
-        return y, DeltaNetState(S=S, conv=new_conv)                                 # S fp32 (fp64 for fp64 x)
+        record = (ctx, q, k, v, beta, hs, S) if record else None
+        return y, DeltaNetState(S=S, conv=new_conv), record                         # S fp32 (fp64 for fp64 x)

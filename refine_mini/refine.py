@@ -25,9 +25,10 @@ Schedules (`schedule`):
   the only place where the PPO clip acts. Advantages are computed once on the whole batch (groups never straddle
   mini-batches: a group lies inside one document).
 
-For LaCT (model.can_snapshot()) the "single" schedule runs ONE forward in all: the teacher-forced pass of step 1
-is the training forward itself (with grad; entropies and h_gt read off it detached, identical values since the
-models have no dropout), and the prefix snapshots are rebuilt afterwards from its record (LaCT.snapshots).
+The "single" schedule runs ONE forward in all: the teacher-forced pass of step 1 is the training forward itself
+(with grad; entropies, from the same logits as the NTP term, and h_gt are read off it detached -- identical values,
+the models have no dropout), and the prefix snapshots are rebuilt afterwards from its record (model.snapshots:
+DeltaNet from the kernel's chunk-entry states, LaCT from its chunk history).
 Deviations: the NTP term is the token-mean CE over all documents of the (mini-)batch (verl averages per micro-batch);
 documents are unpadded (right padding only for the no-grad teacher pass); see selection.py / grpo.py for theirs.
 """
@@ -41,7 +42,7 @@ from refine_mini.grpo import group_advantages, group_ids, ppo_clip_loss
 from refine_mini.rewards import REWARDS, compute_rewards
 from refine_mini.rollout import (Rollouts, document_forward, log_probs, recorded_forward, rollout_logp,
                                  rollouts_forked, sample_rollouts)
-from refine_mini.selection import (MODES, Selection, entropy_from_hidden, pad_documents, select_positions,
+from refine_mini.selection import (MODES, Selection, entropy_from_logits, pad_documents, select_positions,
                                   teacher_forced_pass)
 from refine_mini.trainer import clip_and_step
 
@@ -86,11 +87,12 @@ def as_documents(tokens) -> list[torch.Tensor]:
 
 
 def _ntp_sum(logits: torch.Tensor, docs: list) -> torch.Tensor:
-    """Summed next-token CE: logits (ΣL, V) of the concatenated documents, position t of a document predicting its
-    t+1. The last position of each document has no target: ignore_index (not logits[:-1] slices, whose backward
-    would zero-fill a whole (L, V) tensor each)."""
-    targets = torch.cat([F.pad(doc[1:], (0, 1), value=-100) for doc in docs])  # (ΣL,): each doc shifted left
-    return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")  # (ΣL, V) vs (ΣL,)
+    """Summed next-token CE, position t of a document predicting its t+1. logits: (ΣL, V) of the concatenated
+    documents, or (B, T_max, V) of the right-padded batch. Positions without a target (each document's last, and
+    padding) get ignore_index -- not logits[:-1] slices, whose backward would zero-fill a whole (L, V) tensor."""
+    pad = [logits.shape[1] - len(doc) if logits.dim() == 3 else 0 for doc in docs]
+    targets = torch.cat([F.pad(doc[1:], (0, 1 + p), value=-100) for doc, p in zip(docs, pad)])  # doc shifted left
+    return F.cross_entropy(logits.flatten(0, -2), targets, ignore_index=-100, reduction="sum")  # (rows, V) vs (rows,)
 
 
 def _reference_logp(model, docs, rollouts: Rollouts, detach_prefix: bool) -> torch.Tensor:
@@ -120,7 +122,8 @@ def refine_loss(model, docs: list, selection: Selection, rollouts: Rollouts, adv
     n_targets = sum(len(d) - 1 for d in docs)
     if path == "fast":
         fwd = doc_forward if doc_forward is not None else document_forward(model, docs, selection.positions)
-        ntp_sum = _ntp_sum(model.head(torch.cat(fwd.hidden)), docs)  # (ΣL, D) -> (ΣL, V)
+        logits = fwd.logits if fwd.logits is not None else model.head(torch.cat(fwd.hidden))  # (B,T,V) | (ΣL,V)
+        ntp_sum = _ntp_sum(logits, docs)
         first_logits, snapshots = fwd.first_logits, fwd.snapshots  # attached: grad flows into the prefix
         if cfg.detach_prefix:
             first_logits, snapshots = first_logits.detach(), [s.detach() for s in snapshots]
@@ -164,9 +167,10 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
     recorded = cfg.schedule == "single" and model.can_snapshot()
     if recorded:  # LaCT: the training forward (WITH grad) is that pass; snapshots are rebuilt from its record below
         full, records = model.encode_recorded(padded)  # (B, T_max, D)
+        logits = model.head(full)  # (B, T_max, V): the NTP term and the entropies share one LM-head matmul
         h_gt = full.detach()
         with torch.no_grad():
-            entropy = entropy_from_hidden(model, h_gt)  # (B, T_max)
+            entropy = entropy_from_logits(logits.detach())  # (B, T_max)
     else:  # a separate no-grad pass (eval mode)
         entropy, h_gt = teacher_forced_pass(model, padded)  # (B, T_max), (B, T_max, D)
     selection = select_positions(entropy, lengths, cfg.c, cfg.k, cfg.selection, cfg.tau, cfg.smooth_kernel,
@@ -174,7 +178,7 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
 
     # 2) rollouts: k tokens from every prefix state, n times
     if cfg.schedule == "single":
-        fwd = (recorded_forward(model, full, records, lengths.tolist(), selection.positions) if recorded
+        fwd = (recorded_forward(model, full, records, lengths.tolist(), selection.positions, logits) if recorded
                else document_forward(model, docs, selection.positions))  # WITH grad: hidden + attached snapshots
         rollouts = sample_rollouts(model, fwd, selection.positions, cfg.k, cfg.n, generator)  # detached copies
     else:

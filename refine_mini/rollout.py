@@ -51,6 +51,7 @@ class DocumentForward:
     hidden: list  # per document (L_b, D): post-norm hidden states of the whole document (the NTP logits' input)
     first_logits: torch.Tensor  # (B·K, V) logits at each prefix end t: they give p(x̂_1)
     snapshots: list  # B·K ModelStates (batch 1): state after reading x_0..x_t (attached when built with grad)
+    logits: torch.Tensor | None = None  # (B, T_max, V) right-padded document logits, when the caller computed them
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -81,9 +82,9 @@ def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor, to_end:
 def document_forward(model, docs: list, positions: torch.Tensor, to_end: bool = True) -> DocumentForward:
     """The document hidden states and the B·K prefix snapshots; grad flows through them unless under no_grad.
 
-    Models whose mixers snapshot from a full pass (LaCT) read all documents as ONE right-padded batch (causal, so
-    padding changes nothing before it); others (DeltaNet, whose chunk kernel keeps its per-chunk states inside a
-    custom autograd Function) run segmented_forward per document."""
+    Both models read all documents as ONE right-padded batch (causal, so padding changes nothing before it) and
+    rebuild the snapshots from that pass's record (model.snapshots). A model whose mixers cannot record falls back to
+    segmented_forward per document, which is also the reference the recorded snapshots are tested against."""
     if model.can_snapshot():
         padded, lengths = pad_documents(docs)  # (B, T_max), (B,)
         full, records = model.encode_recorded(padded)  # (B, T_max, D)
@@ -96,15 +97,18 @@ def document_forward(model, docs: list, positions: torch.Tensor, to_end: bool = 
     return _assemble(model, hidden, positions, snapshots)
 
 
-def recorded_forward(model, full: torch.Tensor, records: list, lengths: list, positions: torch.Tensor):
-    """DocumentForward from a recorded padded pass (model.encode_recorded): hidden (B, T_max, D) cut to lengths."""
+def recorded_forward(model, full: torch.Tensor, records: list, lengths: list, positions: torch.Tensor,
+                     logits: torch.Tensor | None = None):
+    """DocumentForward from a recorded padded pass (model.encode_recorded): hidden (B, T_max, D) cut to lengths;
+    `logits` (B, T_max, V) = model.head(full) if the caller already has them (refine_step: entropy + NTP)."""
     snapshots = model.snapshots(records, [p.tolist() for p in positions])
-    return _assemble(model, [full[b, :n] for b, n in enumerate(lengths)], positions, snapshots)
+    return _assemble(model, [full[b, :n] for b, n in enumerate(lengths)], positions, snapshots, logits)
 
 
-def _assemble(model, hidden: list, positions: torch.Tensor, snapshots: list) -> DocumentForward:
+def _assemble(model, hidden: list, positions: torch.Tensor, snapshots: list, logits=None) -> DocumentForward:
     ends = torch.cat([h[p] for h, p in zip(hidden, positions)])  # (L_b, D) index (K,) -> (B·K, D)
-    return DocumentForward(hidden=hidden, first_logits=model.head(ends), snapshots=snapshots)  # (B·K, V)
+    return DocumentForward(hidden=hidden, first_logits=model.head(ends), snapshots=snapshots,  # (B·K, V)
+                           logits=logits)
 
 
 def can_stack(states: list) -> bool:

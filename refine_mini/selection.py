@@ -62,11 +62,19 @@ def entropy_from_hidden(model, hidden: torch.Tensor, block: int = 128) -> torch.
     cache instead of one (B, T, V) tensor (at V = 8193 that is 134 MB for B·T = 4096, read and written 4 times;
     on a 2-core CPU 128-row blocks made the whole entropy pass 2x faster than one block)."""
     rows = hidden.reshape(-1, hidden.shape[-1])  # (B·T, D)
-    out = []
-    for part in rows.split(block):  # (≤ block, D)
-        logp = torch.log_softmax(model.head(part), dim=-1)  # (≤ block, V), fp32 at least
-        out.append(-(logp.exp() * logp).sum(-1))  # H = -sum_v p_v log p_v: (≤ block,)
-    return torch.cat(out).view(hidden.shape[:-1])  # (...)
+    return torch.cat([_entropy(model.head(part)) for part in rows.split(block)]).view(hidden.shape[:-1])  # (...)
+
+
+def entropy_from_logits(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """logits (..., V) already computed (REFINE's training forward) -> entropy (...), in row blocks as above."""
+    rows = logits.reshape(-1, logits.shape[-1])  # (B·T, V)
+    return torch.cat([_entropy(part) for part in rows.split(block)]).view(logits.shape[:-1])  # (...)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(rows, V) -> H = -sum_v p_v log p_v in nats (rows,), in fp32 at least."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (rows, V)
+    return -(logp.exp() * logp).sum(-1)
 
 
 @torch.no_grad()

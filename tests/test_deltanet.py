@@ -122,6 +122,34 @@ def test_gradcheck_handwritten_backward():
                                          (q, k, v, b, S0))
 
 
+@given(shape=shapes, C=CHUNKS, seed=st.integers(0, 99))
+def test_chunk_states_are_the_recurrent_prefix_states_with_gradients(shape, C, seed):
+    """chunk_states=True returns the state entering every chunk (= the recurrence run over the first n·C tokens),
+    and gradients through it (loss on o, the final state and every chunk state) equal the recurrent reference."""
+    B, H, T, Dk, Dv = shape
+    xs = inputs(B, H, T, Dk, Dv, seed=seed, grad=True)
+
+    def chunked():
+        o, S, hs = delta_rule_chunked(*xs[:4], chunk_size=C, initial_state=xs[4], chunk_states=True)
+        return o, S, hs.unbind(2)
+
+    def recurrent():
+        o, S = delta_rule_recurrent(*xs[:4], initial_state=xs[4])
+        hs = [xs[4].to(F64)] + [delta_rule_recurrent(*(x[:, :, :n * C] for x in xs[:4]), initial_state=xs[4])[1]
+                                for n in range(1, math.ceil(T / C))]
+        return o, S, hs
+
+    (o_a, S_a, hs_a), (o_b, S_b, hs_b) = chunked(), recurrent()
+    assert len(hs_a) == len(hs_b) == math.ceil(T / C)
+    for a, b in zip(hs_a, hs_b):
+        assert rel(a, b) < 1e-10
+    w = [torch.randn_like(h) for h in hs_b]
+    grads = [torch.autograd.grad(o.sum() + S.square().sum() + sum((h * wi).sum() for h, wi in zip(hs, w)), xs)
+             for o, S, hs in ((o_a, S_a, hs_a), (o_b, S_b, hs_b))]
+    for a, b in zip(*grads):
+        assert rel(a, b) < 1e-9
+
+
 def test_double_backward_raises():
     """The hand-written backward is once-differentiable: asking for second derivatives raises instead of returning
     silently wrong numbers."""

@@ -106,16 +106,17 @@ def test_single_schedule_step_is_on_policy_and_logs_every_key(mixer):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_lact_one_recorded_forward_equals_separate_selection_pass(monkeypatch):
-    """LaCT's single-schedule step (teacher-forced pass = training forward, snapshots rebuilt from its record) takes
-    the same positions, rollouts, losses and update as the generic path (no-grad pass, then a segmented forward)."""
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_one_recorded_forward_equals_separate_selection_pass(mixer, monkeypatch):
+    """The single-schedule step (teacher-forced pass = training forward, snapshots rebuilt from its record) takes the
+    same positions, rollouts, losses and update as the generic path (no-grad pass, then a segmented forward)."""
     results = []
     for recorded in (True, False):
-        model = make_model("lact", dtype=torch.float64)
+        model = make_model(mixer, dtype=torch.float64)
         if not recorded:
             monkeypatch.setattr(model, "can_snapshot", lambda: False)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        docs = [torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(b)) for b in range(2)]
+        docs = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (40, 33)]  # padded
         metrics = refine_step(model, optimizer, docs, RefineConfig(c=4, k=3), torch.Generator().manual_seed(0))
         results.append((metrics, [p.detach().clone() for p in model.parameters()]))
     (m_a, p_a), (m_b, p_b) = results

@@ -36,12 +36,13 @@ def test_segmented_pass_equals_full_pass_and_prefix_encoding(mixer):
             torch.testing.assert_close(from_snapshot, from_scratch, atol=1e-5, rtol=1e-5)
 
 
-def test_lact_snapshots_from_one_batched_pass_equal_segmented_snapshots():
-    """LaCT's recorded pass (one right-padded batch, states rebuilt from the chunk history, the partial chunk and
-    the window) == segmenting each document's pass, in fp64: every field of every snapshot, the hidden states, and
-    the gradient of a loss that reads the snapshots."""
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_snapshots_from_one_recorded_pass_equal_segmented_snapshots(mixer):
+    """The recorded pass (one right-padded batch; DeltaNet: chunk-entry states + the partial chunk replayed, conv
+    window; LaCT: chunk history, partial chunk, attention window) == segmenting each document's pass, in fp64: every
+    field of every snapshot, the hidden states, and the gradient of a loss that reads the snapshots."""
     torch.manual_seed(0)
-    model = FastWeightLM(ModelConfig(mixer="lact", **TINY)).double()
+    model = FastWeightLM(ModelConfig(mixer=mixer, **TINY)).double()
     docs = [torch.randint(0, 64, (40,)), torch.randint(0, 64, (33,))]
     positions = torch.tensor([[0, 7, 15, 30], [3, 8, 20, 27]])  # chunk-aligned, partial, window partly filled
 
@@ -61,7 +62,7 @@ def test_lact_snapshots_from_one_batched_pass_equal_segmented_snapshots():
         return hidden, snaps, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     (h_a, s_a, g_a), (h_b, s_b, g_b) = run(True), run(False)
-    assert model.can_snapshot() and len(s_a) == len(s_b) == 8  # LaCT takes the recorded path
+    assert model.can_snapshot() and len(s_a) == len(s_b) == 8  # document_forward takes the recorded path
     for a, b in zip(h_a, h_b):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     for sa, sb in zip(s_a, s_b):
