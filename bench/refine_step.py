@@ -4,8 +4,8 @@ Measured in one run, for DeltaNet and LaCT (CPU, and CUDA when available), on th
   1) REFINE optimizer step (refine_step, fast path, schedule "single") / NTP optimizer step   target <= 1.5
   2) rollout phase, re-encoded prefixes (official: every prefix encoded from scratch by `generate`, then a second
      from-scratch forward over [prefix; rollout] for old log-probs and h_pred)
-     / rollout phase with forked states (one no-grad streaming pass per document split at the positions, up to
-     the last one, then batched decode: the "minibatch" schedule's rollout phase)                target >= 8
+     / rollout phase with forked states (one no-grad batched pass over the documents, prefix snapshots rebuilt
+     from it, then ONE batched decode: the "minibatch" schedule's rollout phase)                  target >= 8
      The line below it times what the default "single" schedule pays: sampling from the snapshots of the
      training forward it runs anyway (no prefix pass of its own).
 Times are medians over --reps repetitions after one warm-up. Defaults: T=2048, B=2, c=8, k=5, default ModelConfig.

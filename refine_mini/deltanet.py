@@ -90,18 +90,18 @@ class DeltaNet(nn.Module):
         ctx, q, k, v, beta, hs, final = record  # ctx (B, W-1+T, ch); q..beta (B, H, T, .); hs (B, H, N, Dk, Dv)
         C, W = self.chunk_size, self.conv_size
         hs = torch.cat([hs, final[:, :, None]], 2)  # (B, H, N+1, Dk, Dv): + the state after the last chunk
-        snaps = []
-        for b, row in enumerate(ends):
-            r = slice(b, b + 1)
-            for t in row:
-                n = (t + 1) // C  # complete chunks in x[b, :t+1]
-                S = hs[r, :, n]  # (1, H, Dk, Dv)
-                if t + 1 > n * C:  # the partial chunk n*C .. t
-                    part = slice(n * C, t + 1)
-                    S = delta_rule_chunked(q[r, :, part], k[r, :, part], v[r, :, part], beta[r, :, part],
-                                           chunk_size=C, initial_state=S)[1]
-                snaps.append(DeltaNetState(S=S, conv=ctx[r, t + 1:t + W]))  # ctx index = token index + W-1
-        return snaps
+        items = [(b, t, (t + 1) // C) for b, row in enumerate(ends) for t in row]  # n = complete chunks by t
+        R = max(t + 1 - n * C for _, t, n in items)  # longest partial chunk (< C)
+
+        def partial(z):  # z[b, :, n*C .. t] of every snapshot, zero-padded at the end to R: (S, H, R, .)
+            return torch.stack([F.pad(z[b, :, n * C:t + 1], (0, 0) * (z.dim() - 3) + (0, R - (t + 1 - n * C)))
+                                for b, t, n in items])
+
+        S = torch.stack([hs[b, :, n] for b, _, n in items])  # (S, H, Dk, Dv): the state entering t's chunk
+        if R:  # ONE kernel call advances every snapshot over its partial chunk; padded rows (k = 0, beta = 0) are
+            S = delta_rule_chunked(*map(partial, (q, k, v, beta)), chunk_size=C, initial_state=S)[1]  # exact no-ops
+        return [DeltaNetState(S=S[i:i + 1], conv=ctx[b:b + 1, t + 1:t + W])  # ctx index = token index + W-1
+                for i, (b, t, _) in enumerate(items)]
 
     def _run(self, x: torch.Tensor, state: DeltaNetState | None, record: bool = False):
         if x.dim() != 3:

@@ -5,9 +5,12 @@ From the recurrent state after the prefix x_0..x_t the current policy samples EX
   old_logp_j = log π_old(x̂_j | x_<=t, x̂_<j)        and
   h_pred_j   = post-norm hidden after reading x̂_j  (so the k-th token needs one more single-token forward).
 
-Fast path ("fast weight transfer", the paper's future work, §4 / §9): the K prefix states of a document come from
-ONE streaming pass split at the selected positions (`segmented_forward`: segment calls that carry the state; the
-snapshot is the state after each segment). Each snapshot is forked n times (`fork` = ModelState.repeat_interleave,
+Fast path ("fast weight transfer", the paper's future work, §4 / §9): the K prefix states of every document come
+from ONE batched pass over the documents (`document_forward`): the pass records what each layer needs to rebuild
+its state after any position (`model.snapshots`: DeltaNet's chunk-entry states advanced over the partial chunk,
+LaCT's chunk history, partial chunk and window), all attached to the pass's graph. `segmented_forward` (one
+document split at the positions, segment calls carrying the state) is the plain version they are tested against,
+and the fallback for mixers that cannot record. Each snapshot is forked n times (`fork` = ModelState.repeat_interleave,
 new memory per row). The K·n forks of the whole batch decode as ONE batch: DeltaNet states stack as they are; LaCT
 states at different positions (int `pos`, variable-length chunk buffers) are first converted to the fixed-shape
 layout of lact_ragged.py (`stack_states`).
@@ -179,7 +182,7 @@ def sample_rollouts(model, fwd: DocumentForward, positions: torch.Tensor, k: int
 @torch.no_grad()
 def rollouts_forked(model, docs: list, positions: torch.Tensor, k: int, n: int = 1,
                     generator: torch.Generator | None = None) -> Rollouts:
-    """The fast rollout phase on its own: one no-grad streaming pass per document, then forked decoding."""
+    """The fast rollout phase on its own: one no-grad batched pass (snapshots rebuilt from it), then forked decoding."""
     with eval_mode(model):
         fwd = document_forward(model, docs, positions, to_end=False)  # tokens after the last prefix are not needed
     return sample_rollouts(model, fwd, positions, k, n, generator)
