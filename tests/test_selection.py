@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refine_mini.model import FastWeightLM, ModelConfig
-from refine_mini.selection import (edge_clamp, entropy_from_hidden, pad_documents, select_positions, smooth_entropy, smoothing_kernel,
-                                   teacher_forced_pass)
+from refine_mini.selection import (edge_clamp, entropy_from_hidden, pad_documents, select_positions, smooth_entropy,
+                                   smoothing_kernel, teacher_forced_pass)
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
 
