@@ -130,10 +130,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_ratio)
 
     def forward(self, x, state=None):
-        mixed, state = self.mixer(self.mixer_norm(x), state)
+        return self._residuals(x, *self.mixer(self.mixer_norm(x), state))
+
+    def forward_recorded(self, x):
+        """From the start, with the mixer's record for snapshots instead of its final state."""
+        return self._residuals(x, *self.mixer.forward_recorded(self.mixer_norm(x)))
+
+    def _residuals(self, x, mixed, extra):
         x = x + mixed
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, state
+        return x + self.mlp(self.mlp_norm(x)), extra  # (B, T, D), the mixer's state or record
 
 
 class FastWeightLM(nn.Module):
@@ -177,9 +182,7 @@ class FastWeightLM(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         records = []
         for block in self.blocks:
-            mixed, record = block.mixer.forward_recorded(block.mixer_norm(x))
-            x = x + mixed
-            x = x + block.mlp(block.mlp_norm(x))
+            x, record = block.forward_recorded(x)
             records.append(record)
         return self.final_norm(x), records  # (B, T, D)
 

@@ -62,18 +62,16 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
-def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor, to_end: bool = True):
+def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor):
     """One streaming pass over doc (L,) split after each position t_1 <= ... <= t_K (segment calls carry the state).
 
-    Returns the hidden states (L, D) of the whole document (of x_0..x_{t_K} only when not `to_end`: rollouts alone
-    do not need the tail) and K snapshots (state after reading x_0..x_{t_j}). Equal positions give an empty segment:
-    the snapshot is then the previous one. No LM head here: the caller applies model.head where it needs logits
-    (all positions for NTP, the K prefix ends for x̂_1).
+    Returns the hidden states (L, D) of the whole document and K snapshots (state after reading x_0..x_{t_j}).
+    Equal positions give an empty segment: the snapshot is then the previous one. No LM head here: the caller
+    applies model.head where it needs logits (all positions for NTP, the K prefix ends for x̂_1).
     """
     L = doc.shape[0]
     state, start, hidden, snapshots = None, 0, [], []
-    ends = positions.tolist() + ([L - 1] if to_end else [positions[-1].item()])
-    for t in ends:  # segment j covers [start, t]; the last one runs to the document end (if to_end)
+    for t in positions.tolist() + [L - 1]:  # segment j covers [start, t]; the last one runs to the document end
         if t + 1 > start:
             seg_hidden, state = model.encode(doc[None, start:t + 1], state)  # (1, S, D)
             hidden.append(seg_hidden[0])
@@ -82,7 +80,7 @@ def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor, to_end:
     return torch.cat(hidden), snapshots[:-1]  # (L, D), K states
 
 
-def document_forward(model, docs: list, positions: torch.Tensor, to_end: bool = True) -> DocumentForward:
+def document_forward(model, docs: list, positions: torch.Tensor) -> DocumentForward:
     """The document hidden states and the B·K prefix snapshots; grad flows through them unless under no_grad.
 
     Both models read all documents as ONE right-padded batch (causal, so padding changes nothing before it) and
@@ -94,7 +92,7 @@ def document_forward(model, docs: list, positions: torch.Tensor, to_end: bool = 
         return recorded_forward(model, full, records, lengths.tolist(), positions)
     hidden, snapshots = [], []
     for b, doc in enumerate(docs):
-        doc_hidden, doc_snaps = segmented_forward(model, doc, positions[b], to_end)
+        doc_hidden, doc_snaps = segmented_forward(model, doc, positions[b])
         hidden.append(doc_hidden)
         snapshots += doc_snaps
     return _assemble(model, hidden, positions, snapshots)
@@ -184,7 +182,7 @@ def rollouts_forked(model, docs: list, positions: torch.Tensor, k: int, n: int =
                     generator: torch.Generator | None = None) -> Rollouts:
     """The fast rollout phase on its own: one no-grad batched pass (snapshots rebuilt from it), then forked decoding."""
     with eval_mode(model):
-        fwd = document_forward(model, docs, positions, to_end=False)  # tokens after the last prefix are not needed
+        fwd = document_forward(model, docs, positions)
     return sample_rollouts(model, fwd, positions, k, n, generator)
 
 
