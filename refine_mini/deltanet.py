@@ -142,5 +142,5 @@ class DeltaNet(nn.Module):
         o32 = o.float() if o.dtype != torch.float64 else o                          # norm in fp32 (weights fp32)
         o = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight).to(x.dtype)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dv))                    # (B,T,H·Dv) -> (B,T,D)
-        record = (ctx, q, k, v, beta, hs, S) if record else None
-        return y, DeltaNetState(S=S, conv=new_conv), record                         # S fp32 (fp64 for fp64 x)
+        saved = (ctx, q, k, v, beta, hs, S) if record else None                     # what snapshots() reads
+        return y, DeltaNetState(S=S, conv=new_conv), saved                          # S fp32 (fp64 for fp64 x)

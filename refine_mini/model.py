@@ -174,7 +174,7 @@ class FastWeightLM(nn.Module):
         return self.final_norm(x), ModelState(new_states)  # (B, T, D): the vector REFINE's cosine reward compares
 
     def can_snapshot(self) -> bool:
-        """True when every mixer can rebuild prefix states from a recorded full pass (LaCT)."""
+        """True when every mixer can rebuild prefix states from a recorded full pass (DeltaNet and LaCT both can)."""
         return all(hasattr(block.mixer, "forward_recorded") for block in self.blocks)
 
     def encode_recorded(self, tokens: torch.Tensor):

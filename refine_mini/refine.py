@@ -165,7 +165,7 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
 
     # 1) select positions by entropy: a teacher-forced pass gives e_t and h_gt
     recorded = cfg.schedule == "single" and model.can_snapshot()
-    if recorded:  # LaCT: the training forward (WITH grad) is that pass; snapshots are rebuilt from its record below
+    if recorded:  # the training forward (WITH grad) is that pass; snapshots are rebuilt from its record below
         full, records = model.encode_recorded(padded)  # (B, T_max, D)
         logits = model.head(full)  # (B, T_max, V): the NTP term and the entropies share one LM-head matmul
         h_gt = full.detach()
