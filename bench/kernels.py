@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         t = timed(fns, reps)
         flops = B * H * T * (6 * D * D + 10 * C * D + C * C / 3)      # nominal §1.3 count, forward
         rate = flops / t["cf"]
-        results[T] = (t["rf"] / t["cf"], t["rb"] / t["cb"], rate / mm_rate)
+        results[T] = (t["rf"] / t["cf"], t["rb"] / t["cb"], rate / mm_rate, t["rb"], t["cb"])
         print(f"{T:>6} {t['rf'] * 1e3:>11.1f} {t['cf'] * 1e3:>13.2f} {results[T][0]:>7.1f} {t['rb'] * 1e3:>11.1f} "
               f"{t['cb'] * 1e3:>13.2f} {results[T][1]:>7.1f} {rate / 1e9:>8.1f} {100 * results[T][2]:>5.0f}%")
         if args.alt_chunk > 0:
@@ -163,12 +163,19 @@ def main(argv=None) -> int:
 
     if not args.quick:
         T = max(lengths)
-        fwd_x, fb_x, frac = results[T]
+        fwd_x, fb_x, frac, rec_fb, chunk_fb = results[T]
         print(f"\ntargets at T={T}:")
         print(f"  chunked fwd+bwd >= 25x faster than recurrent (aim 40x): {fb_x:5.1f}x  "
               f"{'PASS' if fb_x >= 25 else 'MISS'}")
         print(f"  chunked fwd >= 40% of matmul FLOP rate:                  {100 * frac:5.0f}%  "
               f"{'PASS' if frac >= 0.40 else 'MISS'}")
+        # headroom: this implementation's own matmul count for forward+backward (docs/deltanet.md §3):
+        # 13 C x C x d and 9 C x d x d products per chunk (the small UT inverse left out)
+        fb_flops = 2 * B * H * -(-T // C) * (13 * C * C * D + 9 * C * D * D)
+        at_peak = fb_flops / mm_rate
+        print(f"  (chunked fwd+bwd: {fb_flops / 1e9:.2f} GFLOP of matmuls at {fb_flops / chunk_fb / 1e9:.0f} GFLOP/s "
+              f"= {100 * fb_flops / chunk_fb / mm_rate:.0f}% of the matmul rate; at 100% it would take "
+              f"{at_peak * 1e3:.1f} ms, a ratio of {rec_fb / at_peak:.0f}x)")
     return 0
 
 

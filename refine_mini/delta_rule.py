@@ -13,9 +13,9 @@ Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different sc
 - Everything that does not depend on the incoming state is one batched matmul over all B·H·N chunks at once: A, the UT
   factor T (blocked doubling, `_unit_lower_inverse`), W = T diag(b) K, U = T diag(b) V, M = tril_incl(Q Kᵀ).
 - The scan over chunks runs 2 small matmuls per chunk, batched over heads: U' = U - W h_n, h_{n+1} = h_n + Kᵀ U'.
-  The per-chunk [U'; h_n] are stacked in one buffer, and all outputs O = scale (M U' + Q h_n) are then batched again.
+  U' overwrites U and h_n goes into a preallocated buffer; all outputs O = scale (M U' + Q h_n) are then batched again.
 - The backward is written by hand (refine_mini/delta_rule_bwd.py; derivation in docs/deltanet.md §3): one reverse scan
-  over chunks for the state gradient, all other matmuls batched over chunks. It saves k·b, T, W, M and [U'; h_n]
+  over chunks for the state gradient, all other matmuls batched over chunks. It saves k·b, T, W, M, U' and h_n
   (about 6x the output o, plus the inputs) instead of recomputing them as fla does.
   `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd) is kept as its test oracle.
 - fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs; fla stores U' and states in the input dtype.
@@ -184,19 +184,18 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     kb = kz * bz                                                        # diag(b) K: (Z,C,Dk)
     Tm = _unit_lower_inverse(torch.bmm(kb, kz.mT))                      # T = (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
     W = torch.bmm(Tm, kb)                                               # T diag(b) K: (Z,C,Dk)
-    U4 = torch.bmm(Tm * bz.mT, vz).view(BH, N, C, Dv)                  # U = T diag(b) V
-    W4, K4 = W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
-    parts = []                                                          # U'_0, h_0, U'_1, h_1, ...
+    Up = torch.bmm(Tm * bz.mT, vz)                                      # U = T diag(b) V, made U' in place below
+    U4, W4, K4 = Up.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
+    hs = h.new_empty(BH, N, Dk, Dv)                                     # h_n, the state entering chunk n
     for n in range(N):                                                  # the only sequential part, 2 matmuls/chunk
-        Up = torch.baddbmm(U4[:, n], W4[:, n], h, alpha=-1.0)           # U' = U - W h_n: (BH,C,Dk)@(BH,Dk,Dv)
-        parts += [Up, h]
-        h = torch.baddbmm(h, K4[:, n].mT, Up)                           # h_{n+1} = h_n + Kᵀ U': (BH,Dk,C)@(BH,C,Dv)
-    # one buffer per chunk holding [U'; h_n] (C+Dk rows): the output reads it with one matmul, so does the backward
-    UH = torch.cat(parts, dim=1).view(Z, C + Dk, Dv)                    # (BH, N·(C+Dk), Dv) -> (Z,C+Dk,Dv)
-    # all outputs at once: O = scale (M U' + Q h_n),  M = tril_incl(Q Kᵀ)
+        hs[:, n] = h
+        U4[:, n] = Un = torch.baddbmm(U4[:, n], W4[:, n], h, alpha=-1.0)  # U' = U - W h_n: (BH,C,Dk)@(BH,Dk,Dv)
+        h = torch.baddbmm(h, K4[:, n].mT, Un)                           # h_{n+1} = h_n + Kᵀ U': (BH,Dk,C)@(BH,C,Dv)
+    hs = hs.view(Z, Dk, Dv)
+    # all outputs at once: O = s (M U' + Q h_n),  M = tril_incl(Q Kᵀ)
     M = torch.bmm(qz, kz.mT).tril_()                                    # (Z,C,C)
-    o = torch.baddbmm(torch.bmm(M, UH[:, :C]), qz, UH[:, C:], beta=scale, alpha=scale)  # (Z,C,Dv)
-    return o, h, (kb, Tm, W, M, UH)
+    o = torch.baddbmm(torch.bmm(M, Up), qz, hs, beta=scale, alpha=scale)  # (Z,C,Dv)
+    return o, h, (kb, Tm, W, M, Up, hs)
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -209,8 +208,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         o, h, saved = _chunk_forward(qz, kz, vz, bz, h0, scale)
         ctx.save_for_backward(qz, kz, vz, bz, *saved)
         ctx.scale = scale
-        C = qz.shape[1]
-        hs = saved[-1][:, C:].clone() if with_states else h.new_empty(0)  # states entering each chunk (Z,Dk,Dv)
+        hs = saved[-1].clone() if with_states else h.new_empty(0)       # states entering each chunk (Z,Dk,Dv)
         return o, h, hs
 
     @staticmethod

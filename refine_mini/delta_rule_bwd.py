@@ -19,38 +19,36 @@ Tensor = torch.Tensor
 
 
 def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor,
-                   kb: Tensor, Tm: Tensor, W: Tensor, M: Tensor, UH: Tensor, dh_chunks: Tensor | None = None):
+                   kb: Tensor, Tm: Tensor, W: Tensor, M: Tensor, Up: Tensor, hs: Tensor,
+                   dh_chunks: Tensor | None = None):
     """Gradients (dq, dk, dv, dbeta, dh0) of `delta_rule._chunk_forward`. do (Z,C,Dv), dhN (BH,Dk,Dv); saved:
-    kb = diag(b) K (Z,C,Dk), Tm (Z,C,C), W (Z,C,Dk), M (Z,C,C), UH = [U'; h_n] (Z,C+Dk,Dv).
+    kb = diag(b) K (Z,C,Dk), Tm (Z,C,C), W (Z,C,Dk), M (Z,C,C), U' (Z,C,Dv), h_n (Z,Dk,Dv).
     dh_chunks (Z,Dk,Dv), optional: gradient reaching the state entering each chunk from outside (chunk_states=True).
-    Returns dq, dk (Z,C,Dk), dv (Z,C,Dv), dbeta (Z,C,1), dh0 (BH,Dk,Dv)."""
+    Returns dq, dk (Z,C,Dk), dv (Z,C,Dv), dbeta (Z,C,1), dh0 (BH,Dk,Dv). The scale s rides on the matmuls'
+    alpha/beta, so no full-size tensor is multiplied by it."""
     Z, C, Dk = kz.shape
     BH, _, Dv = dhN.shape
     N = Z // BH
-    dos = do * scale                                                    # s dO: (Z,C,Dv)
-    # the parts of dU' and dh_n that do not depend on dh_{n+1}, for all chunks at once
-    dUp = torch.bmm(M.mT, dos).view(BH, N, C, Dv)                       # s Mᵀ dO
-    E = torch.bmm(qz.mT, dos).view(BH, N, Dk, Dv)                       # s Qᵀ dO
-    # reverse scan: dU'_n = F_n + K_n dh_{n+1};  dh_n = dh_{n+1} + E_n - W_nᵀ dU'_n
-    W4, K4 = W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
-    dh, dUs, dhs = dhN, [], []
+    # the parts of dU' and dh_n that do not depend on dh_{n+1}, for all chunks at once (times 1/s)
+    dUp = torch.bmm(M.mT, do)                                           # Mᵀ dO; becomes dU' in the scan: (Z,C,Dv)
+    E = torch.bmm(qz.mT, do).view(BH, N, Dk, Dv)                        # Qᵀ dO: (BH,N,Dk,Dv)
+    # reverse scan: dU'_n = s Mᵀ dO_n + K_n dh_{n+1};  dh_n = dh_{n+1} + s Qᵀ dO_n - W_nᵀ dU'_n
+    dU4, W4, K4 = dUp.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
+    dhn = dhN.new_empty(BH, N, Dk, Dv)                                  # dh_{n+1}: the gradient leaving chunk n
+    dh = dhN
     for n in range(N - 1, -1, -1):
-        dhs.append(dh)                                                  # dh_{n+1}: the gradient leaving chunk n
-        dUs.append(torch.baddbmm(dUp[:, n], K4[:, n], dh))              # (BH,C,Dk)@(BH,Dk,Dv)
-        dh = torch.baddbmm(E[:, n], W4[:, n].mT, dUs[-1], alpha=-1.0).add_(dh)  # (BH,Dk,C)@(BH,C,Dv)
+        dhn[:, n] = dh
+        dU4[:, n] = dUn = torch.baddbmm(dU4[:, n], K4[:, n], dh, beta=scale)  # (BH,C,Dk)@(BH,Dk,Dv)
+        dh = torch.baddbmm(E[:, n], W4[:, n].mT, dUn, beta=scale, alpha=-1.0).add_(dh)  # (BH,Dk,C)@(BH,C,Dv)
         if dh_chunks is not None:
             dh = dh + dh_chunks.view(BH, N, Dk, Dv)[:, n]                     # h_n is also read outside the kernel
-    dUp = torch.stack(dUs[::-1], dim=1).view(Z, C, Dv)                  # dU' (Z,C,Dv)
-    dhn = torch.stack(dhs[::-1], dim=1).view(Z, Dk, Dv)                 # (Z,Dk,Dv)
-    Up = UH[:, :C]                                                      # U' (Z,C,Dv)
-    # [dM | s dO h_nᵀ] = s dO [U'; h_n]ᵀ  and  [-dA | -dKb] = dVb [U'; h_n]ᵀ   (lower-triangular masks applied in place)
+    dhn = dhn.view(Z, Dk, Dv)
     dVb = torch.bmm(Tm.mT, dUp)                                         # Tᵀ dU': (Z,C,Dv)
-    G1 = torch.bmm(dos, UH.mT)                                          # (Z,C,C+Dk)
-    G2 = torch.bmm(dVb, UH.mT)                                          # (Z,C,C+Dk)
-    dM, dq = G1[:, :, :C].tril_(), G1[:, :, C:]
-    nA, nKb = G2[:, :, :C].tril_(-1), G2[:, :, C:]                      # -dA, -dKb
-    dq = torch.baddbmm(dq, dM, kz)                                      # s dO h_nᵀ + dM K
-    dk = torch.baddbmm(torch.bmm(Up, dhn.mT), dM.mT, qz)                # U' dh_{n+1}ᵀ + dMᵀ Q
+    P = torch.bmm(do, Up.mT).tril_()                                    # tril_incl(dO U'ᵀ); dM = s P: (Z,C,C)
+    nA = torch.bmm(dVb, Up.mT).tril_(-1)                                # -dA = strict_tril(dVb U'ᵀ): (Z,C,C)
+    nKb = torch.bmm(dVb, hs.mT)                                         # -dKb = dVb h_nᵀ: (Z,C,Dk)
+    dq = torch.baddbmm(torch.bmm(do, hs.mT), P, kz, beta=scale, alpha=scale)  # s dO h_nᵀ + dM K: (Z,C,Dk)
+    dk = torch.baddbmm(torch.bmm(Up, dhn.mT), P.mT, qz, alpha=scale)   # U' dh_{n+1}ᵀ + dMᵀ Q
     Yn = torch.baddbmm(nKb, nA, kz)                                     # -Y = -(dA K + dKb)
     dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kb, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb
     db = (dVb * vz).sum(-1, keepdim=True) - (Yn * kz).sum(-1, keepdim=True)   # (Z,C,1)
