@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
 
 def run_pretrain(args, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
-    cfg = TrainConfig(max_steps=PRETRAIN_STEPS[args.model], seed=args.seed, compile=(args.compile == "on") or (args.compile == "auto" and device.type == "cuda"))
+    compile_ = (args.compile == "on") or (args.compile == "auto" and device.type == "cuda")
+    cfg = TrainConfig(max_steps=PRETRAIN_STEPS[args.model], seed=args.seed, compile=compile_)
     overrides = {"max_steps": args.max_steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr}
     for f in fields(cfg):
         if overrides.get(f.name) is not None:
