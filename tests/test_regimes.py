@@ -143,6 +143,7 @@ def test_default_post_command_pretrains_a_base_then_prints_before_after(tmp_path
     tiny_pretrain = lambda **kw: TrainConfig(**{**dict(max_steps=2, batch_size=2, seq_len=LENGTH, warmup_steps=1,
                                                         eval_every=2, eval_batches=1, ckpt_every=2), **kw})
     monkeypatch.setattr(train, "TrainConfig", tiny_pretrain)
+    monkeypatch.setitem(train.PRETRAIN_STEPS, "deltanet", 2)
     summary = train.main(["--model", "deltanet", "--regime", "post"])
     printed = capsys.readouterr().out
     assert "pre-training the base model first" in printed

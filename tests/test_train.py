@@ -155,3 +155,17 @@ def test_ntp_loss_is_shifted_cross_entropy():
     logp = torch.log_softmax(logits[:, :-1].double(), -1)  # (3, 8, 11)
     expected = -logp.gather(2, tokens[:, 1:, None]).mean()
     torch.testing.assert_close(ntp_loss(logits, tokens).double(), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("argv, steps", [(["--model", "deltanet"], 300), (["--model", "lact"], 250),
+                                         (["--model", "lact", "--max-steps", "7"], 7)])
+def test_pretrain_cli_uses_each_models_default_steps_unless_max_steps_is_given(argv, steps, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_pretrain(model_cfg, cfg, corpus, out, device, resume=False):
+        seen.update(mixer=model_cfg.mixer, steps=cfg.max_steps)
+        return {}
+
+    monkeypatch.setattr(train, "pretrain", fake_pretrain)
+    train.main(argv + ["--out", str(tmp_path / "run")])
+    assert seen == {"mixer": argv[1], "steps": steps}
