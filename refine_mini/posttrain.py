@@ -20,7 +20,8 @@ Deviations from the paper:
   in our prompt format (the paper appends no EOS; our evaluation stops at the first newline, which plays EOS's role).
   Prompt and target are tokenised separately, as in the paper; rows are right-padded, never left-padded.
 - The before/after score is a quick check: eval_samples eval-split prompts per task at the training length, greedy
-  decoding until the first newline, scored with the task's metric (NIAH recall, QA substring), in percent.
+  decoding until the first newline, scored with the task's metric (NIAH recall, QA substring), in percent, next to
+  the teacher-forced NLL of the gold answers (nats per answer token), which moves before the score does.
 """
 
 import json
@@ -98,18 +99,32 @@ def score_examples(model, examples, device) -> list[float]:
             for ex, out in zip(examples, answer_greedy(model, examples, device))]
 
 
+@torch.no_grad()
+def answer_nll(model, examples, device, batch_size: int = 4) -> float:
+    """Teacher-forced NLL of the gold answers (nats per answer token), `batch_size` prompts at a time."""
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            tokens, labels = answer_batch(examples[i:i + batch_size], device)
+            n = int((labels != IGNORE).sum())
+            total, count = total + answer_loss(model, tokens, labels).item() * n, count + n
+    return total / count
+
+
 def quick_scores(model, tasks, samples: int, length: int, seed: int, device) -> dict:
-    """Percent score per task on `samples` EVAL-split prompts of `length` tokens (uniform needle depths)."""
+    """Per task, on `samples` EVAL-split prompts of `length` tokens (uniform needle depths): the percent score of the
+    greedy answers, and the answer NLL, which shows what training changed while the score is still 0."""
     scores = {}
     for task in tasks:
         examples = niah.make_task_examples(task, samples, length, None, seed, split="eval")
         per_example = score_examples(model, examples, device)
-        scores[task] = round(100 * sum(per_example) / len(per_example), 1)
+        scores[task] = {"score": round(100 * sum(per_example) / len(per_example), 1),
+                        "answer_nll": round(answer_nll(model, examples, device), 3)}
     return scores
 
 
 def format_scores(scores: dict) -> str:
-    return " ".join(f"{task} {value:.1f}" for task, value in scores.items())
+    return " ".join(f"{task} {s['score']:.1f} (answer nll {s['answer_nll']:.2f})" for task, s in scores.items())
 
 
 # ---- the post-training loop -------------------------------------------------------------------------------------

@@ -167,3 +167,17 @@ def test_bad_inputs_exit_2(tmp_path, tiny_ckpt):
         train.main(["--model", "deltanet", "--regime", "mid", "--init", str(tmp_path / "nope"),
                     "--out", str(tmp_path / "y")])
     assert e.value.code == 2
+
+
+def test_answer_nll_in_blocks_equals_one_batch_and_falls_when_the_answers_are_trained():
+    torch.manual_seed(0)
+    model = FastWeightLM(tiny_model_cfg())
+    examples = posttrain.train_batch(("s_niah", "qa"), 5, LENGTH, seed=0, step=0)
+    with torch.no_grad():
+        whole = posttrain.answer_loss(model, *posttrain.answer_batch(examples)).item()
+    before = posttrain.answer_nll(model, examples, "cpu", batch_size=2)  # blocks of 2, 2 and 1 prompts
+    assert before == pytest.approx(whole, rel=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        posttrain.sft_step(model, optimizer, examples, grad_clip=1.0, device="cpu")
+    assert posttrain.answer_nll(model, examples, "cpu") < 0.9 * before
