@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from refine_mini.delta_rule import _delta_rule_chunked_autograd, _unit_lower_inverse
@@ -43,15 +43,26 @@ shapes = st.tuples(st.integers(1, 2), st.integers(1, 2), LENGTHS, st.integers(1,
 # ----------------------------------------------------------------------------------------------- kernel: forward
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
 @given(shape=shapes, C=CHUNKS, with_state=st.booleans(), seed=st.integers(0, 99))
+@example(shape=(1, 1, 51, 1, 2), C=16, with_state=False, seed=86)  # Dk = 1: parallel keys (found at 1.2e-5, base 16)
 def test_chunked_equals_recurrent(dtype, shape, C, with_state, seed):
-    """chunk(C) == recurrence for every C (dividing T or not), outputs and final state, with or without S0."""
+    """chunk(C) == recurrence for every C (dividing T or not), outputs and final state, with or without S0.
+
+    fp32: a result can be the small difference of O(1) terms (a state decayed to ~1e-4), and then no fp32 kernel
+    is 1e-5-relative exact; there the chunked kernel must be as accurate as the fp32 recurrence itself (within 10x
+    of its error against the fp64 recurrence on the same inputs)."""
     q, k, v, b, S0 = inputs(*shape, dtype=dtype, seed=seed)
     S0 = S0 if with_state else None
     o_r, S_r = delta_rule_recurrent(q, k, v, b, initial_state=S0)
     o_c, S_c = delta_rule_chunked(q, k, v, b, chunk_size=C, initial_state=S0)
     assert o_c.shape == o_r.shape == (*shape[:3], shape[4]) and S_c.shape == (*shape[:2], shape[3], shape[4])
     assert o_c.dtype == dtype and S_c.dtype == (F64 if dtype == F64 else F32)
-    assert rel(o_c, o_r) < TOL[dtype] and rel(S_c, S_r) < TOL[dtype]
+    if dtype == F64:
+        assert rel(o_c, o_r) < TOL[F64] and rel(S_c, S_r) < TOL[F64]
+        return
+    o_t, S_t = delta_rule_recurrent(*(x.double() for x in (q, k, v, b)),
+                                    initial_state=None if S0 is None else S0.double())  # fp64 truth, same inputs
+    for chunked, recurrent, truth in ((o_c, o_r, o_t), (S_c, S_r, S_t)):
+        assert rel(chunked.double(), truth) < max(TOL[F32], 10 * rel(recurrent.double(), truth))
 
 
 @given(shape=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 40), st.integers(1, 6),
