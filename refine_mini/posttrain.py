@@ -36,9 +36,7 @@ from refine_mini import niah, tokenizer
 from refine_mini.evaluate import first_line, greedy_outputs
 from refine_mini.regimes import RegimeConfig, Run, inner_update, step_generator, steps_per_batch
 from refine_mini.selection import eval_mode
-from refine_mini.trainer import clip_and_step
-
-IGNORE = -100  # cross_entropy ignore_index: positions that are not answer tokens
+from refine_mini.trainer import IGNORE, clip_and_step  # IGNORE: labels of positions that are not answer tokens
 
 
 def train_batch(tasks, batch_size: int, length: int, seed: int, step: int) -> list:
@@ -65,9 +63,11 @@ def answer_batch(examples, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over answer tokens only: logits at position p predict labels[:, p+1]."""
+    """Mean CE over answer tokens only: logits at position p predict labels[:, p+1]. The last position has no
+    target: IGNORE, not a logits[:, :-1] slice, whose backward zero-fills a whole (B, L, V) tensor (as ntp_loss)."""
     logits = model(tokens)[0]  # (B, L, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, L): labels shifted left
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)  # (B*L, V) vs (B*L,)
 
 
 def sft_step(model, optimizer, examples, grad_clip: float, device) -> dict:

@@ -8,7 +8,8 @@ of the autograd graph, so the slow weights learn to write fast-weight memory tha
 `detach_prefix=True` reproduces the pre-release no_grad-prefix shortcut, as an ablation).
 
 Two paths compute `refine_loss` for FIXED rollouts and agree in loss and every gradient (tests/test_refine_step.py):
-- fast (default): ONE forward with grad per document, split at its selected positions (rollout.segmented_forward).
+- fast (default): ONE batched forward with grad over the documents (rollout.document_forward), from whose record
+  the prefix snapshots are rebuilt (segmented_forward, one document split at its positions, as the fallback).
   It gives the hidden states (-> NTP logits via model.head) and the attached state snapshots; logp(x̂_1) comes
   from the logits at the c prefix ends only, and x̂_1..x̂_{k-1} go through ONE multi-token call from all attached
   snapshots stacked and forked (rollout.stack_states).
@@ -44,7 +45,7 @@ from refine_mini.rollout import (Rollouts, document_forward, log_probs, recorded
                                  rollouts_forked, sample_rollouts)
 from refine_mini.selection import (MODES, Selection, entropy_from_logits, pad_documents, select_positions,
                                   teacher_forced_pass)
-from refine_mini.trainer import clip_and_step
+from refine_mini.trainer import IGNORE, clip_and_step
 
 
 @dataclass
@@ -91,8 +92,8 @@ def _ntp_sum(logits: torch.Tensor, docs: list) -> torch.Tensor:
     documents, or (B, T_max, V) of the right-padded batch. Positions without a target (each document's last, and
     padding) get ignore_index -- not logits[:-1] slices, whose backward would zero-fill a whole (L, V) tensor."""
     pad = [logits.shape[1] - len(doc) if logits.dim() == 3 else 0 for doc in docs]
-    targets = torch.cat([F.pad(doc[1:], (0, 1 + p), value=-100) for doc, p in zip(docs, pad)])  # doc shifted left
-    return F.cross_entropy(logits.flatten(0, -2), targets, ignore_index=-100, reduction="sum")  # (rows, V) vs (rows,)
+    targets = torch.cat([F.pad(doc[1:], (0, 1 + p), value=IGNORE) for doc, p in zip(docs, pad)])  # doc shifted left
+    return F.cross_entropy(logits.flatten(0, -2), targets, ignore_index=IGNORE, reduction="sum")  # (rows,V) vs (rows,)
 
 
 def _reference_logp(model, docs, rollouts: Rollouts, detach_prefix: bool) -> torch.Tensor:

@@ -59,13 +59,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+IGNORE = -100  # cross_entropy ignore_index: a position without a target (last token, padding, prompt in SFT)
+
+
 def ntp_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits (B, T, V) at position t predict tokens[:, t+1].
 
     The last position has no target: it gets ignore_index instead of slicing logits[:, :-1], whose backward would
     fill a whole (B, T, V) zero tensor just to write the slice into it."""
-    targets = F.pad(tokens[:, 1:], (0, 1), value=-100)  # (B, T): tokens shifted left, -100 = ignore at t = T-1
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)  # (B*T, V) vs (B*T,)
+    targets = F.pad(tokens[:, 1:], (0, 1), value=IGNORE)  # (B, T): tokens shifted left, ignored at t = T-1
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)  # (B*T, V) vs (B*T,)
 
 
 def clip_and_step(model, optimizer, grad_clip: float) -> float:
