@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from refine_mini.common import CheckpointError, fail, pick_device, set_seed
+from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, set_seed
 from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
                                   load_run, peak_memory, reset_peak_memory)
 from refine_mini.heatmap import render_heatmap, render_table, require_matplotlib, save_png, use_color
@@ -227,6 +227,8 @@ def main(argv=None) -> dict:
         device = pick_device(args.device)
     except (ValueError, RuntimeError) as e:
         fail(str(e))
+    if device.type == "cpu":
+        keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
     if args.threads is not None:
         if args.threads < 1:
             fail(f"--threads must be >= 1, got {args.threads}")

@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from refine_mini.common import CheckpointError, fail, pick_device, run_dir, set_seed
+from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
 from refine_mini.model import ModelConfig
 from refine_mini.trainer import TrainConfig, pretrain
 
@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
         device = pick_device(args.device)
     except (ValueError, RuntimeError) as e:
         fail(str(e))
+    if device.type == "cpu":
+        keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
     set_seed(args.seed)
     out = run_dir(args.out or f"runs/{args.model}-{args.regime}")
     try:

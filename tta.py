@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refine_mini.common import CheckpointError, fail, load_checkpoint, pick_device, set_seed
+from refine_mini.common import CheckpointError, fail, keep_freed_memory, load_checkpoint, pick_device, set_seed
 from refine_mini.niah import TASKS, make_task_examples
 from refine_mini.posttrain import score_examples
 from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
@@ -110,6 +110,8 @@ def main(argv=None) -> dict:
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")
         device = pick_device(args.device)
+        if device.type == "cpu":
+            keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
         set_seed(args.seed)
         ckpt = load_checkpoint(args.ckpt)
         length = args.length or int((ckpt.get("train_config") or {}).get("seq_len") or 512)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from refine_mini.common import keep_freed_memory  # noqa: E402
 from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
 from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
 from refine_mini.rollout import document_forward, rollouts_forked, rollouts_reference, sample_rollouts  # noqa: E402
@@ -101,13 +102,17 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--mixers", default="deltanet,lact", help="comma-separated mixers to bench")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave malloc as it is (default: keep freed memory, as train.py does on CPU)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seq_len, args.reps = 256, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, devices {[d.type for d in devices]}")
+    kept = not args.glibc_default and keep_freed_memory()
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, devices {[d.type for d in devices]}, "
+          f"malloc {'keeps freed memory (as train.py)' if kept else 'as the C library does by default'}")
     if args.quick:
         print("quick smoke run: the targets are set for T=2048; at small T per-call overheads dominate")
     for device in devices:

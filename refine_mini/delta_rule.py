@@ -19,6 +19,10 @@ Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different sc
   (about 6x the output o, plus the inputs) instead of recomputing them as fla does.
   `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd) is kept as its test oracle.
 - fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs; fla stores U' and states in the input dtype.
+- Few fresh full-size tensors: on CPU each new multi-MB tensor is page-faulted in (glibc maps big blocks afresh), which
+  cost ~15 % of forward+backward. So the UT factor is written into one buffer (`_unit_lower_inverse_nograd`, equal
+  bit for bit to the concatenating `_unit_lower_inverse` that autograd differentiates), dead buffers are reused
+  (A's for T diag(b)), and accumulations go in place (`baddbmm_`).
 """
 from __future__ import annotations
 
@@ -97,6 +101,33 @@ def _unit_lower_inverse(A: Tensor, base: int = 8) -> Tensor:
         Td = torch.cat([torch.cat([T1, torch.zeros_like(T1)], -1), torch.cat([off, T2], -1)], -2)  # (.., m, 2s, 2s)
         s *= 2
     Tm = Td.squeeze(-3)                                                 # (.., Cp, Cp)
+    return Tm[..., :C, :C] if Cp != C else Tm
+
+
+def _diag_blocks(X: Tensor, s: int) -> Tensor:
+    """The diagonal s x s blocks of X (.., n, n) as a view (.., n/s, s, s) (writes go through to X)."""
+    lead, n = X.shape[:-2], X.shape[-1]
+    return torch.diagonal(X.view(*lead, n // s, s, n // s, s), dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+@torch.no_grad()
+def _unit_lower_inverse_nograd(A: Tensor, base: int = 8) -> Tensor:
+    """`_unit_lower_inverse` for the kernel's no-grad forward: the same blocks, written into one output buffer
+    instead of concatenated level by level (on CPU every fresh multi-MB tensor costs page faults)."""
+    C = A.shape[-1]
+    Cp = 1 << (C - 1).bit_length()                                     # next power of two >= C
+    if Cp != C:                                                         # pad with zeros: block-diag(A, 0), exact
+        A = F.pad(A, (0, Cp - C, 0, Cp - C))
+    b = min(Cp, base)
+    Tm = A.new_zeros(A.shape)                                           # (.., Cp, Cp), filled block by block
+    _diag_blocks(Tm, b).copy_(_inverse_by_doubling(torch.tril(_diag_blocks(A, b), diagonal=-1)))
+    s = b
+    while s < Cp:
+        # the (2s x 2s) diagonal blocks [[T1, 0], [A21, T2]] as (.., m, 2, s, 2, s) views, m = Cp / 2s
+        A2, T2s = (_diag_blocks(X, 2 * s).unflatten(-1, (2, s)).unflatten(-3, (2, s)) for X in (A, Tm))
+        T1, T2 = T2s[..., 0, :, 0, :], T2s[..., 1, :, 1, :]            # (.., m, s, s) views
+        T2s[..., 1, :, 0, :] = -(T2 @ A2[..., 1, :, 0, :] @ T1)       # lower-left block: (.., m, s, s)
+        s *= 2
     return Tm[..., :C, :C] if Cp != C else Tm
 
 
@@ -184,9 +215,10 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     BH, _, Dv = h.shape
     N = Z // BH
     kb = kz * bz                                                        # diag(b) K: (Z,C,Dk)
-    Tm = _unit_lower_inverse(torch.bmm(kb, kz.mT))                      # T = (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
+    A = torch.bmm(kb, kz.mT)                                            # diag(b) K Kᵀ (strict tril used): (Z,C,C)
+    Tm = _unit_lower_inverse_nograd(A)                                  # T = (I + strict_tril(A))⁻¹: (Z,C,C)
     W = torch.bmm(Tm, kb)                                               # T diag(b) K: (Z,C,Dk)
-    Up = torch.bmm(Tm * bz.mT, vz)                                      # U = T diag(b) V, made U' in place below
+    Up = torch.bmm(torch.mul(Tm, bz.mT, out=A), vz)                     # U = T diag(b) V (A's buffer reused)
     U4, W4, K4 = Up.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
     hs = h.new_empty(BH, N, Dk, Dv)                                     # h_n, the state entering chunk n
     for n in range(N):                                                  # the only sequential part, 2 matmuls/chunk
@@ -196,7 +228,7 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     hs = hs.view(Z, Dk, Dv)
     # all outputs at once: O = s (M U' + Q h_n),  M = tril_incl(Q Kᵀ)
     M = torch.bmm(qz, kz.mT).tril_()                                    # (Z,C,C)
-    o = torch.baddbmm(torch.bmm(M, Up), qz, hs, beta=scale, alpha=scale)  # (Z,C,Dv)
+    o = torch.bmm(M, Up).baddbmm_(qz, hs, beta=scale, alpha=scale)     # (Z,C,C)@(Z,C,Dv) + (Z,C,Dk)@(Z,Dk,Dv)
     return o, h, (kb, Tm, W, M, Up, hs)
 
 
@@ -237,7 +269,9 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size
     Dv = v.shape[-1]
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
     o, h, hs = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale, chunk_states)
-    o = o.view(B, H, N * chunk_size, Dv)[:, :, :T]                      # (B,H,T,Dv): drop padded rows
+    o = o.view(B, H, N * chunk_size, Dv)                                # (B,H,N·C,Dv)
+    if N * chunk_size != T:                                             # (a no-op slice still costs a zero-filled
+        o = o[:, :, :T]                                                 # full-size gradient): drop padded rows
     if chunk_states:
         return o.to(q.dtype), h.view(B, H, Dk, Dv), hs.view(B, H, N, Dk, Dv)
     return o.to(q.dtype), h.view(B, H, Dk, Dv)

@@ -43,13 +43,15 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
         if dh_chunks is not None:
             dh = dh + dh_chunks.view(BH, N, Dk, Dv)[:, n]                     # h_n is also read outside the kernel
     dhn = dhn.view(Z, Dk, Dv)
+    del E, dU4                                                          # used up: its memory serves the next tensors
     dVb = torch.bmm(Tm.mT, dUp)                                         # Tᵀ dU': (Z,C,Dv)
     P = torch.bmm(do, Up.mT).tril_()                                    # tril_incl(dO U'ᵀ); dM = s P: (Z,C,C)
     nA = torch.bmm(dVb, Up.mT).tril_(-1)                                # -dA = strict_tril(dVb U'ᵀ): (Z,C,C)
     nKb = torch.bmm(dVb, hs.mT)                                         # -dKb = dVb h_nᵀ: (Z,C,Dk)
-    dq = torch.baddbmm(torch.bmm(do, hs.mT), P, kz, beta=scale, alpha=scale)  # s dO h_nᵀ + dM K: (Z,C,Dk)
-    dk = torch.baddbmm(torch.bmm(Up, dhn.mT), P.mT, qz, alpha=scale)   # U' dh_{n+1}ᵀ + dMᵀ Q
-    Yn = torch.baddbmm(nKb, nA, kz)                                     # -Y = -(dA K + dKb)
+    dq = torch.bmm(do, hs.mT).baddbmm_(P, kz, beta=scale, alpha=scale)  # s dO h_nᵀ + dM K: (Z,C,Dk)
+    dk = torch.bmm(Up, dhn.mT).baddbmm_(P.mT, qz, alpha=scale)         # U' dh_{n+1}ᵀ + dMᵀ Q
+    Yn = nKb.baddbmm_(nA, kz)                                           # -Y = -(dA K + dKb), in nKb's buffer
     dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kb, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb
-    db = (dVb * vz).sum(-1, keepdim=True) - (Yn * kz).sum(-1, keepdim=True)   # (Z,C,1)
-    return dq, dk, dVb * bz, db, dh
+    # db_i = v_i·dVb_i + k_i·Y_i: the products go into dead buffers (dU' is used up, -Y's last use was above)
+    db = torch.mul(dVb, vz, out=dUp).sum(-1, keepdim=True) - Yn.mul_(kz).sum(-1, keepdim=True)   # (Z,C,1)
+    return dq, dk, dVb.mul_(bz), db, dh                                # dV = diag(b) dVb, in place

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from refine_mini.delta_rule import _delta_rule_chunked_autograd, _unit_lower_inverse
+from refine_mini.delta_rule import _delta_rule_chunked_autograd, _unit_lower_inverse, _unit_lower_inverse_nograd
 from refine_mini.deltanet import DeltaNet, DeltaNetState, delta_rule_chunked, delta_rule_recurrent
 
 F64, F32 = torch.float64, torch.float32
@@ -268,6 +268,14 @@ def test_ut_identities(C):
     assert (eye_k - k.T @ W - P).abs().max() < 1e-12
     _, S_rec = delta_rule_recurrent(*(x[None, None] for x in (k, k, v, b)))
     assert (k.T @ U - S_rec[0, 0]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 9, 16, 24, 64, 100])
+def test_ut_inverse_in_one_buffer_equals_the_concatenating_one(C):
+    """The kernel's no-grad UT factor (blocks written into one buffer) is the autograd version's, bit for bit."""
+    _, k, _, b, _ = inputs(3, 2, C, 8, 1, seed=C)
+    A = torch.tril(b[..., None] * (k @ k.mT), -1)            # (3,2,C,C)
+    assert torch.equal(_unit_lower_inverse_nograd(A), _unit_lower_inverse(A))
 
 
 def test_dynamo_no_graph_break():
