@@ -20,9 +20,10 @@ from refine_mini.trainer import TrainConfig, pretrain
 MODELS = ("deltanet", "lact")
 REGIMES = ("pretrain", "mid", "post")
 # Default pre-training steps of each model (8 x 512 tokens each), chosen so that the default run finishes in under
-# 5 minutes on a 2-core CPU with a margin for a busy machine: a LaCT step costs ~1.3x a DeltaNet step (its 300-step
-# run took 5:00-5:34 here), so LaCT gets fewer steps.
-PRETRAIN_STEPS = {"deltanet": 300, "lact": 250}
+# 5 minutes on a 2-core CPU: DeltaNet 400 steps took 4:22 in a slow phase (its S-NIAH recall at 512 tokens needs them:
+# 300 steps 86 %, 350 steps 92 %, 400 steps 100 % on eval_niah's grid); a LaCT step costs ~1.3x a DeltaNet step, so
+# LaCT gets 250 (3:09-3:29).
+PRETRAIN_STEPS = {"deltanet": 400, "lact": 250}
 
 
 def default_model_config(mixer: str) -> ModelConfig:
@@ -38,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl with a 'text' field "
                                   "(default: the built-in synthetic long-document corpus)")
     p.add_argument("--init", help="checkpoint or run folder to start from (mid/post; default: the pretrain run)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (pretrain default: deltanet 300, lact 250)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (pretrain default: deltanet 400, lact 250)")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, help="sequences per batch")
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--answer-weight", type=float,
+                   help="pretrain: loss weight of answer tokens (after 'Answer:', through the newline) relative to "
+                        "the rest; 1 = plain NTP (default 100, refine_mini/trainer.py)")
     p.add_argument("--seed", type=int, default=0, help="the one seed that drives init, data and sampling")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -71,6 +75,8 @@ def main(argv=None) -> dict:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.lr is not None and not args.lr > 0:
         fail(f"--lr must be > 0, got {args.lr}")
+    if args.answer_weight is not None and not args.answer_weight > 0:
+        fail(f"--answer-weight must be > 0, got {args.answer_weight}")
     try:
         device = pick_device(args.device)
     except (ValueError, RuntimeError) as e:
@@ -92,7 +98,8 @@ def run_pretrain(args, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
     compile_ = (args.compile == "on") or (args.compile == "auto" and device.type == "cuda")
     cfg = TrainConfig(max_steps=PRETRAIN_STEPS[args.model], seed=args.seed, compile=compile_)
-    overrides = {"max_steps": args.max_steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr}
+    overrides = {"max_steps": args.max_steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
+                 "answer_weight": args.answer_weight}
     for f in fields(cfg):
         if overrides.get(f.name) is not None:
             setattr(cfg, f.name, overrides[f.name])

@@ -169,7 +169,7 @@ def base_checkpoint(args, device) -> Path:
               f"(as python train.py --model {args.model} --regime pretrain)")
         pre_args = argparse.Namespace(model=args.model, data=getattr(args, "data", None), seed=args.seed,
                                       compile=getattr(args, "compile", "off"), max_steps=None, seq_len=None,
-                                      batch_size=None, lr=None, resume=False)
+                                      batch_size=None, lr=None, answer_weight=None, resume=False)
         base.mkdir(parents=True, exist_ok=True)
         train.run_pretrain(pre_args, base, torch.device(device))
     return base

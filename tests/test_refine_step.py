@@ -72,8 +72,10 @@ def test_fast_path_equals_reference_path_in_loss_and_every_gradient(mixer, n, de
 def test_policy_gradient_reaches_tokens_that_only_built_the_prefix_state(mixer):
     """With λ_NTP = 0, embedding rows of tokens that occur ONLY in the first segment (before the first selected
     position, and in no rollout) receive a policy gradient -- it can only get there through the forked state.
-    With detached snapshots (the pre-release no_grad shortcut) the same rows get exactly zero: the test can fail."""
-    model = make_model(mixer)
+    With detached snapshots (the pre-release no_grad shortcut) the same rows get exactly zero: the test can fail.
+    Untied embeddings: a tied LM head would hand every embedding row a gradient through the softmax."""
+    torch.manual_seed(0)
+    model = FastWeightLM(ModelConfig(mixer=mixer, **TINY, tie_embeddings=False))
     g = torch.Generator().manual_seed(0)
     first = torch.randint(48, 64, (21,), generator=g)  # reserved ids 48..63 only in x_0..x_20
     doc = torch.cat([first, torch.randint(0, 48, (27,), generator=g)])  # (48,)

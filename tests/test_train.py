@@ -1,6 +1,7 @@
 """Pre-training plumbing: checkpoints, exact resume, the NaN guard, overfitting, and the CLI's bad-input exits."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ import torch
 import train
 from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint
 from refine_mini.model import FastWeightLM, ModelConfig
-from refine_mini.trainer import TrainConfig, lr_at, model_from_checkpoint, ntp_loss, pretrain
+from refine_mini.tokenizer import encode
+from refine_mini.trainer import (TrainConfig, answer_mask, answer_weighted_loss, lr_at, model_from_checkpoint,
+                                 ntp_loss, pretrain, token_nll)
 
 
 class RandomCorpus:
@@ -140,6 +143,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     (["--model", "mamba"], "unknown model"),
     (["--model", "deltanet", "--regime", "pre"], "unknown regime"),
     (["--model", "deltanet", "--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--model", "deltanet", "--answer-weight", "0"], "--answer-weight must be > 0"),
 ])
 def test_cli_rejects_bad_arguments_with_status_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -157,7 +161,7 @@ def test_ntp_loss_is_shifted_cross_entropy():
     torch.testing.assert_close(ntp_loss(logits, tokens).double(), expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("argv, steps", [(["--model", "deltanet"], 300), (["--model", "lact"], 250),
+@pytest.mark.parametrize("argv, steps", [(["--model", "deltanet"], 400), (["--model", "lact"], 250),
                                          (["--model", "lact", "--max-steps", "7"], 7)])
 def test_pretrain_cli_uses_each_models_default_steps_unless_max_steps_is_given(argv, steps, tmp_path, monkeypatch):
     seen = {}
@@ -169,3 +173,54 @@ def test_pretrain_cli_uses_each_models_default_steps_unless_max_steps_is_given(a
     monkeypatch.setattr(train, "pretrain", fake_pretrain)
     train.main(argv + ["--out", str(tmp_path / "run")])
     assert seen == {"mixer": argv[1], "steps": steps}
+
+
+def _pieces(*parts):
+    """Token ids of text pieces (each starts with a space or newline, so they concatenate as one encode would) and
+    the mask of the pieces marked True."""
+    ids, mask = [], []
+    for text, inside in parts:
+        piece = encode(text)
+        ids += piece
+        mask += [inside] * len(piece)
+    return torch.tensor([ids]), torch.tensor([mask])
+
+
+def test_answer_mask_marks_each_answer_through_its_newline():
+    tokens, expected = _pieces(("The sky is blue.\nQuestion: What is the number?\nAnswer:", False),
+                               (" 4821937\n", True), (" The grass is green. Answer is not a cue:", False),
+                               ("\nAnswer:", False), (" Longford\n", True), (" The end.\nAnswer:", False))
+    assert torch.equal(answer_mask(tokens), expected)                                  # the last cue has no answer yet
+    assert torch.equal(answer_mask(tokens.repeat(3, 1)), expected.repeat(3, 1))        # row by row
+    assert not answer_mask(tokens[:, :3]).any()                                        # shorter than the cue
+
+
+def test_answer_weighted_loss_weighs_answer_targets():
+    tokens, inside = _pieces(("\nQuestion: Where?\nAnswer:", False), (" Longford\n", True), (" The sky.", False))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, tokens.shape[1], 8193, generator=g)
+    nll = token_nll(logits, tokens)
+    torch.testing.assert_close(answer_weighted_loss(nll, tokens, 1.0), ntp_loss(logits, tokens))
+    w = torch.where(inside[0, 1:], 20.0, 1.0)  # the weight of position t is that of its target t+1
+    expected = (nll[0, :-1] * w).sum() / w.sum()
+    torch.testing.assert_close(answer_weighted_loss(nll, tokens, 20.0), expected)
+    assert answer_weighted_loss(nll, tokens, 20.0) != ntp_loss(logits, tokens)
+
+
+class AnswerCorpus(RandomCorpus):
+    """Rows of one question and its answer: the pre-training loss weighs the answer, the logged ntp_loss does not."""
+
+    def batch(self, batch_size, generator):
+        tokens, _ = _pieces(("\nQuestion: Where was James Fisher born?\nAnswer:", False), (" Longford\n", True))
+        return tokens.repeat(batch_size, 1)
+
+
+@pytest.mark.parametrize("weight", [1.0, 20.0])
+def test_pretrain_logs_the_answer_weighted_loss_and_the_plain_ntp_loss(weight, tmp_path):
+    cfg = dataclasses.replace(short_run(answer_weight=weight), max_steps=2)
+    pretrain(dataclasses.replace(tiny_cfg(), vocab_size=8193), cfg, AnswerCorpus(), tmp_path, "cpu")
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    if weight == 1.0:
+        assert first["loss"] == first["ntp_loss"]
+    else:
+        assert abs(first["loss"] - first["ntp_loss"]) > 1e-3
