@@ -1,6 +1,6 @@
 """Needle-in-a-haystack evaluation: recall by context length x needle depth, for one or more checkpoints.
 
-    python eval_niah.py                                   # every run under runs/, quick grid (~1 min on 2 cores)
+    python eval_niah.py                                   # every run under runs/, quick grid (seconds per run)
     python eval_niah.py --ckpt runs/deltanet-pretrain runs/deltanet-mid      # compared side by side
     python eval_niah.py --tasks s_niah mk_niah --lengths 512 1024 --depths 0 0.5 1 --samples 8
     python eval_niah.py --full --plot niah.png            # larger grid, plus a PNG (needs: pip install matplotlib)
@@ -15,8 +15,8 @@ What runs:
 - Lengths default to T/2, T, 2T (--full: T/4 .. 8T), T = the longest training seq_len among the runs (512 if none is
   stored); depths 0, .25, .5, .75, 1 (--full: 0, .1, .., 1); --samples per cell (default 4, --full 8); NIAH
   haystack "noise" (--full: "noise" and "essay", RULER's niah_*_1 and niah_*_2 fillers).
-- Cost: the quick grid of the default model (d_model 256, 4 layers, T = 512) takes ~35 s on 2 CPU cores (measured
-  with --threads 1 on a machine shared with other jobs; torch's 2 threads were 4x slower there).
+- Cost: the quick grid of the default DeltaNet (d_model 128, 4 layers, T = 512) takes ~3 s on 2 CPU cores (5 s with
+  start-up); 20 samples per cell on two haystacks, S-NIAH only, ~20 s.
 
 Output: a heatmap per run and task (ANSI colours on a terminal; --no-color or NO_COLOR=1 for plain text), a summary
 table with the runs side by side, and a JSON file (--out; default next to the run, or runs/eval_niah.json for several
