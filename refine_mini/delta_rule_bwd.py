@@ -43,7 +43,7 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
         if dh_chunks is not None:
             dh = dh + dh_chunks.view(BH, N, Dk, Dv)[:, n]                     # h_n is also read outside the kernel
     dhn = dhn.view(Z, Dk, Dv)
-    del E, dU4                                                          # used up: its memory serves the next tensors
+    del E                                                               # used up: its memory serves the next tensors
     dVb = torch.bmm(Tm.mT, dUp)                                         # Tᵀ dU': (Z,C,Dv)
     P = torch.bmm(do, Up.mT).tril_()                                    # tril_incl(dO U'ᵀ); dM = s P: (Z,C,C)
     nA = torch.bmm(dVb, Up.mT).tril_(-1)                                # -dA = strict_tril(dVb U'ᵀ): (Z,C,C)
