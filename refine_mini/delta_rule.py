@@ -75,6 +75,18 @@ def _inverse_by_doubling(A: Tensor) -> Tensor:
     return Tm
 
 
+def _diag_blocks(X: Tensor, s: int) -> Tensor:
+    """The diagonal s x s blocks of X (.., n, n) as a view (.., n/s, s, s) (writes go through to X)."""
+    lead, n = X.shape[:-2], X.shape[-1]
+    # (.., n/s, s, n/s, s) -> diagonal over the two block indices -> (.., s, s, n/s) -> (.., n/s, s, s)
+    return torch.diagonal(X.view(*lead, n // s, s, n // s, s), dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def _lower_left_blocks(X: Tensor, s: int) -> Tensor:
+    """The lower-left s x s block of each diagonal 2s x 2s block of X (.., n, n), as a view (.., n/2s, s, s)."""
+    return _diag_blocks(X, 2 * s).unflatten(-1, (2, s)).unflatten(-3, (2, s))[..., 1, :, 0, :]
+
+
 def _unit_lower_inverse(A: Tensor, base: int = 8) -> Tensor:
     """(I + A)⁻¹ for strictly lower-triangular A (.., C, C) by blocked doubling: invert the diagonal base x base
     blocks with `_inverse_by_doubling`, then merge neighbours, [[T1, 0], [A21, T2]]⁻¹ lower-left = -T2 A21 T1.
@@ -85,29 +97,16 @@ def _unit_lower_inverse(A: Tensor, base: int = 8) -> Tensor:
     Cp = 1 << (C - 1).bit_length()                                     # next power of two >= C
     if Cp != C:                                                         # pad with zeros: block-diag(A, 0), exact
         A = F.pad(A, (0, Cp - C, 0, Cp - C))
-    lead = A.shape[:-2]
     b = min(Cp, base)
-    nb = Cp // b
-    # diagonal blocks: (.., nb, b, nb, b) -> diagonal over the two block indices -> (.., nb, b, b)
-    Ad = torch.diagonal(A.view(*lead, nb, b, nb, b), dim1=-4, dim2=-2).movedim(-1, -3)
-    Td = _inverse_by_doubling(torch.tril(Ad, diagonal=-1))            # only diagonal blocks need the mask
+    Td = _inverse_by_doubling(torch.tril(_diag_blocks(A, b), diagonal=-1))  # (.., Cp/b, b, b); only these need the mask
     s = b
     while s < Cp:
-        m = Cp // (2 * s)
-        # sub-diagonal block of each (2s x 2s) diagonal block: (.., m, 2, s, m, 2, s) -> (.., m, s, s)
-        A21 = torch.diagonal(A.view(*lead, m, 2, s, m, 2, s), dim1=-6, dim2=-3)[..., 1, :, 0, :, :].movedim(-1, -3)
-        T1, T2 = Td.view(*lead, m, 2, s, s).unbind(-3)                  # (.., m, s, s) each
-        off = -(T2 @ A21 @ T1)                                          # (.., m, s, s)
+        T1, T2 = Td.unflatten(-3, (-1, 2)).unbind(-3)                   # (.., m, s, s) each, m = Cp / 2s
+        off = -(T2 @ _lower_left_blocks(A, s) @ T1)                     # (.., m, s, s)
         Td = torch.cat([torch.cat([T1, torch.zeros_like(T1)], -1), torch.cat([off, T2], -1)], -2)  # (.., m, 2s, 2s)
         s *= 2
     Tm = Td.squeeze(-3)                                                 # (.., Cp, Cp)
     return Tm[..., :C, :C] if Cp != C else Tm
-
-
-def _diag_blocks(X: Tensor, s: int) -> Tensor:
-    """The diagonal s x s blocks of X (.., n, n) as a view (.., n/s, s, s) (writes go through to X)."""
-    lead, n = X.shape[:-2], X.shape[-1]
-    return torch.diagonal(X.view(*lead, n // s, s, n // s, s), dim1=-4, dim2=-2).movedim(-1, -3)
 
 
 @torch.no_grad()
@@ -123,10 +122,9 @@ def _unit_lower_inverse_nograd(A: Tensor, base: int = 8) -> Tensor:
     _diag_blocks(Tm, b).copy_(_inverse_by_doubling(torch.tril(_diag_blocks(A, b), diagonal=-1)))
     s = b
     while s < Cp:
-        # the (2s x 2s) diagonal blocks [[T1, 0], [A21, T2]] as (.., m, 2, s, 2, s) views, m = Cp / 2s
-        A2, T2s = (_diag_blocks(X, 2 * s).unflatten(-1, (2, s)).unflatten(-3, (2, s)) for X in (A, Tm))
-        T1, T2 = T2s[..., 0, :, 0, :], T2s[..., 1, :, 1, :]            # (.., m, s, s) views
-        T2s[..., 1, :, 0, :] = -(T2 @ A2[..., 1, :, 0, :] @ T1)       # lower-left block: (.., m, s, s)
+        # the (2s x 2s) diagonal blocks [[T1, 0], [A21, T2]]: T1, T2 (.., m, s, s) views, m = Cp / 2s
+        T1, T2 = _diag_blocks(Tm, s).unflatten(-3, (-1, 2)).unbind(-3)
+        _lower_left_blocks(Tm, s).copy_(-(T2 @ _lower_left_blocks(A, s) @ T1))  # lower-left block: (.., m, s, s)
         s *= 2
     return Tm[..., :C, :C] if Cp != C else Tm
 
