@@ -10,19 +10,20 @@ Layout is fla's: h = Sᵀ (Dk x Dv), so a read is hᵀk and the paper's S_t = S_
 Derivation of the chunk form in docs/deltanet.md.
 
 Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different schedule):
-- Everything that does not depend on the incoming state is one batched matmul over all B·H·N chunks at once: A, the UT
-  factor T (blocked doubling, `_unit_lower_inverse`), W = T diag(b) K, U = T diag(b) V, M = tril_incl(Q Kᵀ).
+- Everything that does not depend on the incoming state is batched over all B·H·N chunks at once: the UT factor
+  T = (I + A)⁻¹ (`ut_factor.py`: A's blocks straight from K, exact substitution on 16 x 16 base blocks, blocked merges),
+  W = T diag(b) K, U = T diag(b) V, M = tril_incl(Q Kᵀ).
 - The scan over chunks runs 2 small matmuls per chunk, batched over heads: U' = U - W h_n, h_{n+1} = h_n + Kᵀ U'.
-  U' overwrites U and h_n goes into a preallocated buffer; all outputs O = scale (M U' + Q h_n) are then batched again.
+  U' overwrites U and h is updated in place (an out-of-place op on these strided slices would copy them);
+  all outputs O = scale (M U' + Q h_n) are then batched again.
 - The backward is written by hand (refine_mini/delta_rule_bwd.py; derivation in docs/deltanet.md §3): one reverse scan
-  over chunks for the state gradient, all other matmuls batched over chunks. It saves k·b, T, W, M, U' and h_n
-  (about 6x the output o, plus the inputs) instead of recomputing them as fla does.
-  `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd) is kept as its test oracle.
+  over chunks for the state gradient, all other matmuls batched over chunks. It saves T, W, M, U' and h_n
+  (about 5x the output o, plus the inputs) instead of recomputing them as fla does.
+  `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd, with the blocked-doubling
+  inverse `unit_lower_inverse`) is kept as its test oracle.
 - fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs; fla stores U' and states in the input dtype.
-- Few fresh full-size tensors: on CPU each new multi-MB tensor is page-faulted in (glibc maps big blocks afresh), which
-  cost ~15 % of forward+backward. So the UT factor is written into one buffer (`_unit_lower_inverse_nograd`, equal
-  bit for bit to the concatenating `_unit_lower_inverse` that autograd differentiates), dead buffers are reused
-  (A's for T diag(b)), and accumulations go in place (`baddbmm_`).
+- On CPU the kernel is bound by memory traffic and op count more than by FLOPs (a 4 MB tensor falls out of L2), so
+  the forward forms no tensor it does not need (no full A, no diag(b) K) and accumulates in place (`baddbmm_`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from refine_mini.delta_rule_bwd import chunk_backward
+from refine_mini.ut_factor import unit_lower_inverse, ut_factor
 
 Tensor = torch.Tensor
 
@@ -61,72 +63,6 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None,
                              f"got {tuple(initial_state.shape)}")
         h0 = initial_state.to(cdt)
     return cdt, scale, h0
-
-
-def _inverse_by_doubling(A: Tensor) -> Tensor:
-    """(I + A)⁻¹ for strictly lower-triangular A (.., s, s): A is nilpotent, so the Neumann series stops and
-    (I + A)⁻¹ = (I - A)(I + A²)(I + A⁴)··· with ceil(log2 s) factors."""
-    s = A.shape[-1]
-    X = -A
-    Tm = X + torch.eye(s, dtype=A.dtype, device=A.device)               # I + X
-    for _ in range(max(0, (s - 1).bit_length() - 1)):
-        X = X @ X                                                       # X^(2^j): (.., s, s)
-        Tm = torch.baddbmm(Tm.flatten(0, -3), Tm.flatten(0, -3), X.flatten(0, -3)).view(Tm.shape)  # T (I + X^(2^j))
-    return Tm
-
-
-def _diag_blocks(X: Tensor, s: int) -> Tensor:
-    """The diagonal s x s blocks of X (.., n, n) as a view (.., n/s, s, s) (writes go through to X)."""
-    lead, n = X.shape[:-2], X.shape[-1]
-    # (.., n/s, s, n/s, s) -> diagonal over the two block indices -> (.., s, s, n/s) -> (.., n/s, s, s)
-    return torch.diagonal(X.view(*lead, n // s, s, n // s, s), dim1=-4, dim2=-2).movedim(-1, -3)
-
-
-def _lower_left_blocks(X: Tensor, s: int) -> Tensor:
-    """The lower-left s x s block of each diagonal 2s x 2s block of X (.., n, n), as a view (.., n/2s, s, s)."""
-    return _diag_blocks(X, 2 * s).unflatten(-1, (2, s)).unflatten(-3, (2, s))[..., 1, :, 0, :]
-
-
-def _unit_lower_inverse(A: Tensor, base: int = 8) -> Tensor:
-    """(I + A)⁻¹ for strictly lower-triangular A (.., C, C) by blocked doubling: invert the diagonal base x base
-    blocks with `_inverse_by_doubling`, then merge neighbours, [[T1, 0], [A21, T2]]⁻¹ lower-left = -T2 A21 T1.
-    Pure batched matmuls (fast autograd on CPU; linalg.solve_triangular's backward was far slower).
-    base 8, not 16: the powers A^(2^j) of a block of near-parallel keys grow large and cancel, and in fp32 a 16x16
-    block lost 1.6e-6 of T with Dk = 1 (8x8: 1.4e-7); a property test found it (chunked vs recurrent, 1.2e-5)."""
-    C = A.shape[-1]
-    Cp = 1 << (C - 1).bit_length()                                     # next power of two >= C
-    if Cp != C:                                                         # pad with zeros: block-diag(A, 0), exact
-        A = F.pad(A, (0, Cp - C, 0, Cp - C))
-    b = min(Cp, base)
-    Td = _inverse_by_doubling(torch.tril(_diag_blocks(A, b), diagonal=-1))  # (.., Cp/b, b, b); only these need the mask
-    s = b
-    while s < Cp:
-        T1, T2 = Td.unflatten(-3, (-1, 2)).unbind(-3)                   # (.., m, s, s) each, m = Cp / 2s
-        off = -(T2 @ _lower_left_blocks(A, s) @ T1)                     # (.., m, s, s)
-        Td = torch.cat([torch.cat([T1, torch.zeros_like(T1)], -1), torch.cat([off, T2], -1)], -2)  # (.., m, 2s, 2s)
-        s *= 2
-    Tm = Td.squeeze(-3)                                                 # (.., Cp, Cp)
-    return Tm[..., :C, :C] if Cp != C else Tm
-
-
-@torch.no_grad()
-def _unit_lower_inverse_nograd(A: Tensor, base: int = 8) -> Tensor:
-    """`_unit_lower_inverse` for the kernel's no-grad forward: the same blocks, written into one output buffer
-    instead of concatenated level by level (on CPU every fresh multi-MB tensor costs page faults)."""
-    C = A.shape[-1]
-    Cp = 1 << (C - 1).bit_length()                                     # next power of two >= C
-    if Cp != C:                                                         # pad with zeros: block-diag(A, 0), exact
-        A = F.pad(A, (0, Cp - C, 0, Cp - C))
-    b = min(Cp, base)
-    Tm = A.new_zeros(A.shape)                                           # (.., Cp, Cp), filled block by block
-    _diag_blocks(Tm, b).copy_(_inverse_by_doubling(torch.tril(_diag_blocks(A, b), diagonal=-1)))
-    s = b
-    while s < Cp:
-        # the (2s x 2s) diagonal blocks [[T1, 0], [A21, T2]]: T1, T2 (.., m, s, s) views, m = Cp / 2s
-        T1, T2 = _diag_blocks(Tm, s).unflatten(-3, (-1, 2)).unbind(-3)
-        _lower_left_blocks(Tm, s).copy_(-(T2 @ _lower_left_blocks(A, s) @ T1))  # lower-left block: (.., m, s, s)
-        s *= 2
-    return Tm[..., :C, :C] if Cp != C else Tm
 
 
 def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None = None,
@@ -184,7 +120,7 @@ def _delta_rule_chunked_autograd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, 
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
     Z = qz.shape[0]
     kb, vb = kz * bz, vz * bz                                           # diag(b) K (Z,C,Dk), diag(b) V (Z,C,Dv)
-    Tm = _unit_lower_inverse(torch.bmm(kb, kz.mT))                      # (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
+    Tm = unit_lower_inverse(torch.bmm(kb, kz.mT))                      # (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
     W, U = torch.bmm(Tm, kb), torch.bmm(Tm, vb)                         # (Z,C,Dk), (Z,C,Dv)
     M = torch.tril(torch.bmm(qz, kz.mT))                                # tril_incl(Q Kᵀ): (Z,C,C)
     Qp = torch.baddbmm(qz, M, W, alpha=-1.0)                            # Q - M W: (Z,C,Dk)
@@ -212,22 +148,23 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     Z, C, Dk = kz.shape
     BH, _, Dv = h.shape
     N = Z // BH
-    kb = kz * bz                                                        # diag(b) K: (Z,C,Dk)
-    A = torch.bmm(kb, kz.mT)                                            # diag(b) K Kᵀ (strict tril used): (Z,C,C)
-    Tm = _unit_lower_inverse_nograd(A)                                  # T = (I + strict_tril(A))⁻¹: (Z,C,C)
-    W = torch.bmm(Tm, kb)                                               # T diag(b) K: (Z,C,Dk)
-    Up = torch.bmm(torch.mul(Tm, bz.mT, out=A), vz)                     # U = T diag(b) V (A's buffer reused)
+    Tm = ut_factor(kz, bz)                                             # T = (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
+    Tb = Tm * bz.mT                                                     # T diag(b): (Z,C,C)
+    W = torch.bmm(Tb, kz)                                               # W = T diag(b) K: (Z,C,C)@(Z,C,Dk)
+    Up = torch.bmm(Tb, vz)                                              # U = T diag(b) V: (Z,C,C)@(Z,C,Dv)
+    del Tb
     U4, W4, K4 = Up.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
     hs = h.new_empty(BH, N, Dk, Dv)                                     # h_n, the state entering chunk n
+    h = h.clone()                                                       # updated in place below
     for n in range(N):                                                  # the only sequential part, 2 matmuls/chunk
         hs[:, n] = h
-        U4[:, n] = Un = torch.baddbmm(U4[:, n], W4[:, n], h, alpha=-1.0)  # U' = U - W h_n: (BH,C,Dk)@(BH,Dk,Dv)
-        h = torch.baddbmm(h, K4[:, n].mT, Un)                           # h_{n+1} = h_n + Kᵀ U': (BH,Dk,C)@(BH,C,Dv)
+        U4[:, n] -= torch.bmm(W4[:, n], h)                              # U' = U - W h_n: (BH,C,Dk)@(BH,Dk,Dv)
+        h.baddbmm_(K4[:, n].mT, U4[:, n])                               # h_{n+1} = h_n + Kᵀ U': (BH,Dk,C)@(BH,C,Dv)
     hs = hs.view(Z, Dk, Dv)
     # all outputs at once: O = s (M U' + Q h_n),  M = tril_incl(Q Kᵀ)
     M = torch.bmm(qz, kz.mT).tril_()                                    # (Z,C,C)
     o = torch.bmm(M, Up).baddbmm_(qz, hs, beta=scale, alpha=scale)     # (Z,C,C)@(Z,C,Dv) + (Z,C,Dk)@(Z,Dk,Dv)
-    return o, h, (kb, Tm, W, M, Up, hs)
+    return o, h, (Tm, W, M, Up, hs)
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -246,7 +183,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dh, dhs):
-        dhs = dhs if dhs.numel() else None
+        # a loss like o.sum() hands in an expanded (stride-0) dO; every matmul would materialise it again (~1.7x
+        # slower backward), so it is made dense once here
+        do, dhs = do.contiguous(), (dhs.contiguous() if dhs.numel() else None)
         return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None)
 
 

@@ -19,29 +19,28 @@ Tensor = torch.Tensor
 
 
 def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor,
-                   kb: Tensor, Tm: Tensor, W: Tensor, M: Tensor, Up: Tensor, hs: Tensor,
-                   dh_chunks: Tensor | None = None):
+                   Tm: Tensor, W: Tensor, M: Tensor, Up: Tensor, hs: Tensor, dh_chunks: Tensor | None = None):
     """Gradients (dq, dk, dv, dbeta, dh0) of `delta_rule._chunk_forward`. do (Z,C,Dv), dhN (BH,Dk,Dv); saved:
-    kb = diag(b) K (Z,C,Dk), Tm (Z,C,C), W (Z,C,Dk), M (Z,C,C), U' (Z,C,Dv), h_n (Z,Dk,Dv).
+    Tm (Z,C,C), W (Z,C,Dk), M (Z,C,C), U' (Z,C,Dv), h_n (Z,Dk,Dv).
     dh_chunks (Z,Dk,Dv), optional: gradient reaching the state entering each chunk from outside (chunk_states=True).
     Returns dq, dk (Z,C,Dk), dv (Z,C,Dv), dbeta (Z,C,1), dh0 (BH,Dk,Dv). The scale s rides on the matmuls'
     alpha/beta, so no full-size tensor is multiplied by it."""
     Z, C, Dk = kz.shape
     BH, _, Dv = dhN.shape
     N = Z // BH
-    # the parts of dU' and dh_n that do not depend on dh_{n+1}, for all chunks at once (times 1/s)
-    dUp = torch.bmm(M.mT, do)                                           # Mᵀ dO; becomes dU' in the scan: (Z,C,Dv)
-    E = torch.bmm(qz.mT, do).view(BH, N, Dk, Dv)                        # Qᵀ dO: (BH,N,Dk,Dv)
+    # the parts of dU' and dh_n that do not depend on dh_{n+1}, for all chunks at once (beta=0: the buffer is unread)
+    dUp = torch.baddbmm(do.new_empty(Z, C, Dv), M.mT, do, beta=0.0, alpha=scale)  # s Mᵀ dO -> dU' in the scan
+    E = torch.baddbmm(do.new_empty(Z, Dk, Dv), qz.mT, do, beta=0.0, alpha=scale).view(BH, N, Dk, Dv)  # s Qᵀ dO
     # reverse scan: dU'_n = s Mᵀ dO_n + K_n dh_{n+1};  dh_n = dh_{n+1} + s Qᵀ dO_n - W_nᵀ dU'_n
     dU4, W4, K4 = dUp.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
     dhn = dhN.new_empty(BH, N, Dk, Dv)                                  # dh_{n+1}: the gradient leaving chunk n
-    dh = dhN
+    dh = dhN.clone(memory_format=torch.contiguous_format)              # updated in place below
     for n in range(N - 1, -1, -1):
         dhn[:, n] = dh
-        dU4[:, n] = dUn = torch.baddbmm(dU4[:, n], K4[:, n], dh, beta=scale)  # (BH,C,Dk)@(BH,Dk,Dv)
-        dh = torch.baddbmm(E[:, n], W4[:, n].mT, dUn, beta=scale, alpha=-1.0).add_(dh)  # (BH,Dk,C)@(BH,C,Dv)
+        dU4[:, n] += torch.bmm(K4[:, n], dh)                            # (BH,C,Dk)@(BH,Dk,Dv)
+        dh.add_(E[:, n]).baddbmm_(W4[:, n].mT, dU4[:, n], alpha=-1.0)  # (BH,Dk,C)@(BH,C,Dv)
         if dh_chunks is not None:
-            dh = dh + dh_chunks.view(BH, N, Dk, Dv)[:, n]                     # h_n is also read outside the kernel
+            dh.add_(dh_chunks.view(BH, N, Dk, Dv)[:, n])                # h_n is also read outside the kernel
     dhn = dhn.view(Z, Dk, Dv)
     del E                                                               # used up: its memory serves the next tensors
     dVb = torch.bmm(Tm.mT, dUp)                                         # Tᵀ dU': (Z,C,Dv)
@@ -51,7 +50,7 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
     dq = torch.bmm(do, hs.mT).baddbmm_(P, kz, beta=scale, alpha=scale)  # s dO h_nᵀ + dM K: (Z,C,Dk)
     dk = torch.bmm(Up, dhn.mT).baddbmm_(P.mT, qz, alpha=scale)         # U' dh_{n+1}ᵀ + dMᵀ Q
     Yn = nKb.baddbmm_(nA, kz)                                           # -Y = -(dA K + dKb), in nKb's buffer
-    dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kb, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb
+    dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kz * bz, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb
     # db_i = v_i·dVb_i + k_i·Y_i: the products go into dead buffers (dU' is used up, -Y's last use was above)
     db = torch.mul(dVb, vz, out=dUp).sum(-1, keepdim=True) - Yn.mul_(kz).sum(-1, keepdim=True)   # (Z,C,1)
     return dq, dk, dVb.mul_(bz), db, dh                                # dV = diag(b) dVb, in place

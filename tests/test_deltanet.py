@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from refine_mini.delta_rule import _delta_rule_chunked_autograd, _unit_lower_inverse, _unit_lower_inverse_nograd
+from refine_mini.delta_rule import _delta_rule_chunked_autograd
+from refine_mini.ut_factor import unit_lower_inverse, ut_factor
 from refine_mini.deltanet import DeltaNet, DeltaNetState, delta_rule_chunked, delta_rule_recurrent
 
 F64, F32 = torch.float64, torch.float32
@@ -88,7 +89,7 @@ def test_gradcheck_chunked_and_ut_inverse():
     assert torch.autograd.gradcheck(lambda *a: delta_rule_chunked(*a[:4], chunk_size=2, initial_state=a[4]),
                                      (q, k, v, b, S0), fast_mode=True)
     A = torch.tril(torch.randn(2, 5, 5, dtype=F64) * 0.3, -1).requires_grad_()
-    assert torch.autograd.gradcheck(_unit_lower_inverse, (A,))
+    assert torch.autograd.gradcheck(unit_lower_inverse, (A,))
 
 
 @given(shape=st.tuples(st.integers(1, 2), st.integers(1, 3), LENGTHS, st.integers(1, 9), st.integers(1, 9)),
@@ -257,7 +258,7 @@ def test_ut_identities(C):
     _, k, v, b, _ = inputs(1, 1, C, 8, 3, seed=C)
     k, v, b = k[0, 0], v[0, 0], b[0, 0]                      # (C,Dk), (C,Dv), (C,)
     A = torch.tril(b[:, None] * (k @ k.T), -1)               # (C,C)
-    Tm = _unit_lower_inverse(A[None])[0]                      # (C,C)
+    Tm = unit_lower_inverse(A[None])[0]                      # (C,C)
     eye_c, eye_k = torch.eye(C, dtype=F64), torch.eye(8, dtype=F64)
     assert (((eye_c + A) @ Tm) - eye_c).abs().max() < 1e-12
     assert torch.equal(torch.triu(Tm, 1), torch.zeros_like(Tm)) and torch.equal(Tm.diagonal(), torch.ones(C, dtype=F64))
@@ -270,12 +271,23 @@ def test_ut_identities(C):
     assert (k.T @ U - S_rec[0, 0]).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 9, 16, 24, 64, 100])
-def test_ut_inverse_in_one_buffer_equals_the_concatenating_one(C):
-    """The kernel's no-grad UT factor (blocks written into one buffer) is the autograd version's, bit for bit."""
-    _, k, _, b, _ = inputs(3, 2, C, 8, 1, seed=C)
-    A = torch.tril(b[..., None] * (k @ k.mT), -1)            # (3,2,C,C)
-    assert torch.equal(_unit_lower_inverse_nograd(A), _unit_lower_inverse(A))
+@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 9, 16, 17, 24, 64, 100])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
+def test_ut_factor_equals_the_autograd_inverse(C, dtype):
+    """The kernel's no-grad UT factor (A's blocks from K, substituted base blocks) is unit lower-triangular and equals
+    (I + A)⁻¹ to rounding, also with Dk = 1 (all keys parallel: where blocked doubling lost fp32 precision), and it
+    equals the autograd version `unit_lower_inverse` (the one the reference schedule differentiates)."""
+    for Dk in (8, 1):
+        _, k, _, b, _ = inputs(3, 2, C, Dk, 1, dtype=dtype, seed=C)
+        kz, bz = k.reshape(6, C, Dk), b.reshape(6, C, 1)
+        A = torch.tril(bz * (kz @ kz.mT), -1)                             # (6,C,C)
+        Tm = ut_factor(kz, bz)
+        eye = torch.eye(C, dtype=dtype)
+        assert Tm.shape == (6, C, C) and torch.equal(torch.triu(Tm, 1), torch.zeros_like(Tm))
+        assert torch.equal(Tm.diagonal(dim1=-2, dim2=-1), torch.ones(6, C, dtype=dtype))
+        exact = torch.linalg.inv(eye.double() + A.double())
+        assert (Tm.double() - exact).abs().max() < (1e-12 if dtype == F64 else 1e-6)
+        assert rel(Tm, unit_lower_inverse(A)) < (1e-13 if dtype == F64 else 1e-5)
 
 
 def test_dynamo_no_graph_break():
