@@ -7,6 +7,8 @@ of a 2048x2048 fp32 matmul's. On CUDA it also times torch.compile(fullgraph=True
 FLOPs of the chunked forward are the nominal count of fast-weights.md §1.3 (per head, per token:
 6 d² + 10 C d + C²/3, FLOPs = 2 x MACs); the implementation's own matmul count is within ~10% of it at C=64, d=64.
 Timings: median of repeats after warm-up, recurrent and chunked interleaved so background load hits both alike.
+The FLOP-rate target is judged with the chunked forward and the matmul both timed back to back (in alternating
+blocks), since the matmul's own rate is a back-to-back figure; the interleaved rate is printed beside it.
 
 An extra line per T times the chunked kernel at a second chunk size (--alt-chunk, default 32; 0 turns it off),
 interleaved with the rest. The targets are judged at --chunk (default 64, the DeltaNet layer's default).
@@ -212,9 +214,24 @@ def main(argv=None) -> int:
             print("    calibration, the plain chunked version (the issue: 'about 27x and 30%'): "
                   f"{t['rb'] / t['pb']:.1f}x vs the oracle, {t['nb'] / t['pb']:.1f}x vs naive, "
                   f"{100 * flops / t['pf'] / mm_rate:.0f}% mm; ours is {t['pb'] / t['cb']:.1f}x faster")
-        print(f"  chunked fwd >= 40% of matmul FLOP rate:                  {100 * frac:5.0f}%  "
-              f"{'PASS' if frac >= 0.40 else 'MISS'}  (nominal §1.3 count; by the matmuls it actually runs, "
-              f"{100 * impl_flops(B, H, T, D, C) / t['cf'] / mm_rate:.0f}%)")
+        # The 2048² matmul above ran back to back, its operands hot in cache; the table's chunked times ran between
+        # other kernels. For the rate, time both the same way, back to back, in alternating blocks (a phase of the
+        # machine then hits both): the table's interleaved figure is printed beside it.
+        xs = inputs(B, H, T, D)
+        blocks = {"mm": lambda: a @ a, "cf": fwd(delta_rule_chunked, xs, chunk_size=C),
+                  "pf": fwd(delta_rule_chunked_plain, xs, chunk_size=C)}
+        hot = {name: [] for name in blocks}
+        for _ in range(3):
+            for name, f in blocks.items():
+                hot[name].append(timed({name: f}, max(reps, 3) * 2, warmup=2)[name])
+        t_mm, t_cf, t_pf = (statistics.median(hot[name]) for name in blocks)
+        frac_hot = flops / t_cf / (2 * 2048 ** 3 / t_mm)
+        print(f"  chunked fwd >= 40% of matmul FLOP rate (both back to back): {100 * frac_hot:5.0f}%  "
+              f"{'PASS' if frac_hot >= 0.40 else 'MISS'}  (fwd {t_cf * 1e3:.2f} ms, matmul "
+              f"{2 * 2048 ** 3 / t_mm / 1e9:.0f} GFLOP/s; nominal §1.3 count, by the matmuls it actually runs "
+              f"{100 * impl_flops(B, H, T, D, C) / t_cf / (2 * 2048 ** 3 / t_mm):.0f}%)")
+        print(f"    interleaved with the other kernels, as in the table:        {100 * frac:5.0f}%;  the plain "
+              f"chunked version back to back: {100 * flops / t_pf / (2 * 2048 ** 3 / t_mm):.0f}%")
         # headroom: this implementation's own matmul count for forward+backward (docs/deltanet.md §3)
         fb_flops = impl_flops(B, H, T, D, C, backward=True)
         at_peak = fb_flops / mm_rate

@@ -51,6 +51,6 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
     dk = torch.bmm(Up, dhn.mT).baddbmm_(P.mT, qz, alpha=scale)         # U' dh_{n+1}ᵀ + dMᵀ Q
     Yn = nKb.baddbmm_(nA, kz)                                           # -Y = -(dA K + dKb), in nKb's buffer
     dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kz * bz, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb
-    # db_i = v_i·dVb_i + k_i·Y_i: the products go into dead buffers (dU' is used up, -Y's last use was above)
-    db = torch.mul(dVb, vz, out=dUp).sum(-1, keepdim=True) - Yn.mul_(kz).sum(-1, keepdim=True)   # (Z,C,1)
+    # db_i = v_i·dVb_i + k_i·Y_i, row-wise dot products (einsum: no full-size product tensor in between)
+    db = (torch.einsum("zcv,zcv->zc", dVb, vz) - torch.einsum("zck,zck->zc", Yn, kz)).unsqueeze(-1)  # (Z,C,1)
     return dq, dk, dVb.mul_(bz), db, dh                                # dV = diag(b) dVb, in place
