@@ -115,22 +115,28 @@ class DeltaNet(nn.Module):
     def snapshots(self, record, ends) -> list:
         """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph): the
         state entering t's chunk (an output of the chunked kernel) advanced over the r <= C tokens of that chunk up
-        to t, and the conv window of the last W-1 projections. Equal to segmenting each row's pass (tested)."""
+        to t, and the conv window of the last W-1 projections. Equal to segmenting each row's pass (tested).
+        Every piece is ONE gather over all snapshots: a slice per snapshot would cost, in the backward, a zero-filled
+        gradient of the whole (B, H, T, .) tensor per slice."""
         ctx, q, k, v, beta, hs, final = record  # ctx (B, W-1+T, ch); q..beta (B, H, T, .); hs (B, H, N, Dk, Dv)
-        C, W = self.chunk_size, self.conv_size
+        C, W, T, dev = self.chunk_size, self.conv_size, q.shape[2], q.device
         hs = torch.cat([hs, final[:, :, None]], 2)  # (B, H, N+1, Dk, Dv): + the state after the last chunk
-        items = [(b, t, (t + 1) // C) for b, row in enumerate(ends) for t in row]  # n = complete chunks by t
-        R = max(t + 1 - n * C for _, t, n in items)  # longest partial chunk (< C)
+        b_of = torch.tensor([b for b, row in enumerate(ends) for _ in row], device=dev)  # (S,) row of each snapshot
+        t_of = torch.tensor([t for row in ends for t in row], device=dev)  # (S,) its position
+        n_of = (t_of + 1) // C  # complete chunks by t
+        S = hs[b_of, :, n_of]  # (S, H, Dk, Dv): the state entering t's chunk
+        R = int((t_of + 1 - n_of * C).max())  # longest partial chunk (< C)
+        if R:  # ONE kernel call advances every snapshot over its partial chunk; rows past t are zeroed (k = 0,
+            pos = n_of[:, None] * C + torch.arange(R, device=dev)  # beta = 0: exact no-ops). (S, R) token index
+            keep = pos <= t_of[:, None]  # (S, R)
 
-        def partial(z):  # z[b, :, n*C .. t] of every snapshot, zero-padded at the end to R: (S, H, R, .)
-            return torch.stack([F.pad(z[b, :, n * C:t + 1], (0, 0) * (z.dim() - 3) + (0, R - (t + 1 - n * C)))
-                                for b, t, n in items])
+            def partial(z):  # z[b, :, n*C .. n*C+R) of every snapshot, rows past t zeroed: (S, H, R, .)
+                g = z[b_of[:, None], :, pos.clamp(max=T - 1)]  # (S, R, H, .)
+                return (g * keep.view(*keep.shape, *[1] * (g.dim() - 2)).to(g.dtype)).movedim(1, 2)
 
-        S = torch.stack([hs[b, :, n] for b, _, n in items])  # (S, H, Dk, Dv): the state entering t's chunk
-        if R:  # ONE kernel call advances every snapshot over its partial chunk; padded rows (k = 0, beta = 0) are
-            S = delta_rule_chunked(*map(partial, (q, k, v, beta)), chunk_size=C, initial_state=S)[1]  # exact no-ops
-        return [DeltaNetState(S=S[i:i + 1], conv=ctx[b:b + 1, t + 1:t + W])  # ctx index = token index + W-1
-                for i, (b, t, _) in enumerate(items)]
+            S = delta_rule_chunked(*map(partial, (q, k, v, beta)), chunk_size=C, initial_state=S)[1]
+        conv = ctx[b_of[:, None], t_of[:, None] + torch.arange(1, W, device=dev)]  # (S, W-1, ch): ctx index = token + W-1
+        return [DeltaNetState(S=s, conv=c) for s, c in zip(S.split(1), conv.split(1))]
 
     def _run(self, x: torch.Tensor, state: DeltaNetState | None, record: bool = False):
         if x.dim() != 3:
