@@ -44,7 +44,7 @@ def test_snapshots_from_one_recorded_pass_equal_segmented_snapshots(mixer):
     torch.manual_seed(0)
     model = FastWeightLM(ModelConfig(mixer=mixer, **TINY)).double()
     docs = [torch.randint(0, 64, (40,)), torch.randint(0, 64, (33,))]
-    positions = torch.tensor([[0, 7, 15, 30], [3, 8, 20, 27]])  # chunk-aligned, partial, window partly filled
+    positions = torch.tensor([[0, 7, 15, 39], [3, 8, 20, 27]])  # chunk-aligned, partial, window partly filled, last
 
     def run(batched):
         model.zero_grad(set_to_none=True)
