@@ -125,7 +125,7 @@ class DeltaNet(nn.Module):
         t_of = torch.tensor([t for row in ends for t in row], device=dev)  # (S,) its position
         n_of = (t_of + 1) // C  # complete chunks by t
         S = hs[b_of, :, n_of]  # (S, H, Dk, Dv): the state entering t's chunk
-        R = int((t_of + 1 - n_of * C).max())  # longest partial chunk (< C)
+        R = max((t + 1) % C for row in ends for t in row)  # longest partial chunk (< C); from the list: no sync
         if R:  # ONE kernel call advances every snapshot over its partial chunk; rows past t are zeroed (k = 0,
             pos = n_of[:, None] * C + torch.arange(R, device=dev)  # beta = 0: exact no-ops). (S, R) token index
             keep = pos <= t_of[:, None]  # (S, R)
