@@ -11,8 +11,8 @@ Derivation of the chunk form in docs/deltanet.md.
 
 Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different schedule):
 - Everything that does not depend on the incoming state is batched over all B·H·N chunks at once: the UT factor
-  T = (I + A)⁻¹ (`ut_factor.py`: A's blocks straight from K, exact substitution on 16 x 16 base blocks, blocked merges),
-  W = T diag(b) K, U = T diag(b) V, M = tril_incl(Q Kᵀ).
+  T = (I + A)⁻¹ (`ut_factor.py`: A's blocks straight from K, exact substitution on 16 x 16 base blocks, then
+  blocked merges), W = T diag(b) K, U = T diag(b) V, M = tril_incl(Q Kᵀ).
 - The scan over chunks runs 2 small matmuls per chunk, batched over heads: U' = U - W h_n, h_{n+1} = h_n + Kᵀ U'.
   U' overwrites U and h is updated in place (an out-of-place op on these strided slices would copy them);
   all outputs O = scale (M U' + Q h_n) are then batched again.
@@ -120,7 +120,7 @@ def _delta_rule_chunked_autograd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, 
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
     Z = qz.shape[0]
     kb, vb = kz * bz, vz * bz                                           # diag(b) K (Z,C,Dk), diag(b) V (Z,C,Dv)
-    Tm = unit_lower_inverse(torch.bmm(kb, kz.mT))                       # (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
+    Tm = unit_lower_inverse(torch.bmm(kb, kz.mT))                       # (I + strict_tril(diag(b)KKᵀ))⁻¹: (Z,C,C)
     W, U = torch.bmm(Tm, kb), torch.bmm(Tm, vb)                         # (Z,C,Dk), (Z,C,Dv)
     M = torch.tril(torch.bmm(qz, kz.mT))                                # tril_incl(Q Kᵀ): (Z,C,C)
     Qp = torch.baddbmm(qz, M, W, alpha=-1.0)                            # Q - M W: (Z,C,Dk)
@@ -148,7 +148,7 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     Z, C, Dk = kz.shape
     BH, _, Dv = h.shape
     N = Z // BH
-    Tm = ut_factor(kz, bz)                                              # T = (I + strict_tril(diag(b) K Kᵀ))⁻¹: (Z,C,C)
+    Tm = ut_factor(kz, bz)                                              # T = (I + strict_tril(diag(b)KKᵀ))⁻¹: (Z,C,C)
     Tb = Tm * bz.mT                                                     # T diag(b): (Z,C,C)
     W = torch.bmm(Tb, kz)                                               # W = T diag(b) K: (Z,C,C)@(Z,C,Dk)
     Up = torch.bmm(Tb, vz)                                              # U = T diag(b) V: (Z,C,C)@(Z,C,Dv)

@@ -126,8 +126,9 @@ class DeltaNet(nn.Module):
         n_of = (t_of + 1) // C  # complete chunks by t
         S = hs[b_of, :, n_of]  # (S, H, Dk, Dv): the state entering t's chunk
         R = max((t + 1) % C for row in ends for t in row)  # longest partial chunk (< C); from the list: no sync
-        if R:  # ONE kernel call advances every snapshot over its partial chunk; rows past t are zeroed (k = 0,
-            pos = n_of[:, None] * C + torch.arange(R, device=dev)  # beta = 0: exact no-ops). (S, R) token index
+        if R:  # ONE kernel call advances every snapshot over its partial chunk; rows past t are zeroed, and a row
+            # with k = 0 and beta = 0 is an exact no-op
+            pos = n_of[:, None] * C + torch.arange(R, device=dev)  # (S, R) token index of each partial-chunk row
             keep = pos <= t_of[:, None]  # (S, R)
 
             def partial(z):  # z[b, :, n*C .. n*C+R) of every snapshot, rows past t zeroed: (S, H, R, .)
@@ -135,7 +136,8 @@ class DeltaNet(nn.Module):
                 return (g * keep.view(*keep.shape, *[1] * (g.dim() - 2)).to(g.dtype)).movedim(1, 2)
 
             S = delta_rule_chunked(*map(partial, (q, k, v, beta)), chunk_size=C, initial_state=S)[1]
-        conv = ctx[b_of[:, None], t_of[:, None] + torch.arange(1, W, device=dev)]  # (S, W-1, ch): ctx index = token + W-1
+        window = t_of[:, None] + torch.arange(1, W, device=dev)  # (S, W-1): ctx index = token index + W-1
+        conv = ctx[b_of[:, None], window]  # (S, W-1, ch): the last W-1 projections up to t
         return [DeltaNetState(S=s, conv=c) for s, c in zip(S.split(1), conv.split(1))]
 
     def _run(self, x: torch.Tensor, state: DeltaNetState | None, record: bool = False):
