@@ -1,7 +1,7 @@
 """The UT factor of a chunk: T = (I + A)⁻¹ with A = strict_tril(diag(b) K Kᵀ), the step that turns a chunk's C
 rank-1 delta updates into the WY form W = T diag(b) K, U = T diag(b) V (delta_rule.py; fast-weights.md §1.2 step 2).
 
-Question answered: how do we invert C x C unit lower-triangular matrices, thousands at a time, with batched matmuls?
+Question answered: how do we invert C x C unit lower-triangular matrices, thousands at a time, with batched ops?
 
 Source: Yang et al. 2024 (arXiv 2406.06484) §3; fla inverts 16 x 16 diagonal blocks by substitution and merges them.
 Both versions here are blocked: invert the diagonal base blocks, then merge neighbours, using
