@@ -71,7 +71,7 @@ def _substitute(L: Tensor) -> Tensor:
     X_i -= L_ij X_j (X_j is final by then, and non-zero only in its first j + 1 columns). Only L's strict lower
     triangle is read. Exact up to rounding, as fla's 16x16 blocks are (no large powers of L, unlike doubling)."""
     s = L.shape[0]
-    X = torch.eye(s, dtype=L.dtype, device=L.device).unsqueeze(-1).repeat(1, 1, L.shape[-1])  # (s, s, n)
+    X = torch.eye(s, dtype=L.dtype, device=L.device).unsqueeze(-1).expand(s, s, L.shape[-1]).contiguous()  # (s,s,n)
     for j in range(s - 1):
         X[j + 1:, :j + 1].addcmul_(L[j + 1:, j:j + 1], X[j:j + 1, :j + 1], value=-1.0)  # (s-j-1, j+1, n)
     return X
