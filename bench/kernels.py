@@ -9,7 +9,7 @@ FLOPs of the chunked forward are the nominal count of fast-weights.md §1.3 (per
 Timings: the table is the median of repeats after warm-up, all kernels interleaved round-robin. The targets are
 judged back to back: each kernel timed alone in a block of repeats, the blocks alternating over three rounds (so a
 phase of the machine hits all alike), the median block taken. Interleaved, every chunked run starts straight after a
-recurrence, ~10^4 tiny ops that leave caches and the allocator cold for it (~4 ms of a 19 ms forward+backward); a
+recurrence, ~10^4 tiny ops that leave caches and the allocator cold for it (~5 ms of an 18 ms forward+backward); a
 matmul's rate, the FLOP target's yardstick, is a back-to-back figure too. Both figures are printed.
 
 An extra line per T times the chunked kernel at a second chunk size (--alt-chunk, default 32; 0 turns it off),
@@ -78,7 +78,7 @@ def back_to_back(fns: dict, rounds: int = 3) -> dict:
     blocks = {name: [] for name in fns}
     for _ in range(rounds):
         for name, (f, repeats) in fns.items():
-            blocks[name].append(timed({name: f}, repeats, warmup=2 if repeats > 3 else 1)[name])
+            blocks[name].append(timed({name: f}, repeats, warmup=2 if repeats > 3 else 1)[name])  # 1: the slow ones
     return {name: statistics.median(ts) for name, ts in blocks.items()}
 
 
@@ -214,13 +214,14 @@ def main(argv=None) -> int:
         T = max(lengths)
         t = results[T]
         xs, xg = inputs(B, H, T, D), inputs(B, H, T, D, grad=True)
-        b2b = back_to_back({"mm": (lambda: a @ a, 2 * max(reps, 3)),
-                            "cf": (fwd(delta_rule_chunked, xs, chunk_size=C), 2 * max(reps, 3)),
-                            "pf": (fwd(delta_rule_chunked_plain, xs, chunk_size=C), 2 * max(reps, 3)),
-                            "cb": (fwd_bwd(delta_rule_chunked, xg, chunk_size=C), 2 * max(reps, 3)),
+        n = 2 * max(reps, 3)                                           # repeats per block (3 for the recurrence)
+        b2b = back_to_back({"mm": (lambda: a @ a, n), "cf": (fwd(delta_rule_chunked, xs, chunk_size=C), n),
+                            "pf": (fwd(delta_rule_chunked_plain, xs, chunk_size=C), n),
+                            "cb": (fwd_bwd(delta_rule_chunked, xg, chunk_size=C), n),
                             "rb": (fwd_bwd(delta_rule_recurrent, xg), 3)})
         fb_x, fb_x_il, naive_x = b2b["rb"] / b2b["cb"], t["rb"] / t["cb"], t["nb"] / t["cb"]
         flops = fwd_flops(B, H, T, D, C)
+        mm_rate_hot = 2 * 2048 ** 3 / b2b["mm"]
         print(f"\ntargets at T={T} (back to back, alternating blocks; the table's interleaved figures beside them):")
         print("  chunked fwd+bwd >= 25x faster than the recurrence (aim 40x):")
         print(f"    vs delta_rule_recurrent (our oracle, one unbind):  {fb_x:5.1f}x  {'PASS' if fb_x >= 25 else 'MISS'}"
@@ -230,9 +231,8 @@ def main(argv=None) -> int:
         if "pb" in t:
             print("    calibration, the plain chunked version (the issue: 'about 27x and 30%'): "
                   f"{t['rb'] / t['pb']:.1f}x vs the oracle, {t['nb'] / t['pb']:.1f}x vs naive (interleaved), "
-                  f"{100 * flops / b2b['pf'] / (2 * 2048 ** 3 / b2b['mm']):.0f}% mm; ours is "
+                  f"{100 * flops / b2b['pf'] / mm_rate_hot:.0f}% mm; ours is "
                   f"{t['pb'] / t['cb']:.1f}x faster")
-        mm_rate_hot = 2 * 2048 ** 3 / b2b["mm"]
         frac_hot = flops / b2b["cf"] / mm_rate_hot
         print(f"  chunked fwd >= 40% of matmul FLOP rate:                {100 * frac_hot:5.0f}%  "
               f"{'PASS' if frac_hot >= 0.40 else 'MISS'}  (fwd {b2b['cf'] * 1e3:.2f} ms, matmul "
