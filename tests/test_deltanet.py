@@ -1,4 +1,4 @@
-"""Property tests for the delta-rule kernels and the DeltaNet layer (fast-weights.md §5 invariants 1-7, 9).
+"""Property tests for the delta-rule kernels (fast-weights.md §5 invariants 1-7, 9); the layer: test_deltanet_layer.py.
 
 The token-by-token recurrence is the oracle; every test states one invariant. Kernel inputs use unit-norm keys and
 beta in (0, 1) (pitfall 4). Relative error is ‖a − b‖ / ‖b‖.
@@ -12,8 +12,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from refine_mini.delta_rule import _delta_rule_chunked_autograd
-from refine_mini.ut_factor import unit_lower_inverse, ut_factor
-from refine_mini.deltanet import DeltaNet, DeltaNetState, delta_rule_chunked, delta_rule_recurrent
+from refine_mini.ut_factor import unit_lower_inverse
+from refine_mini.deltanet import delta_rule_chunked, delta_rule_recurrent
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: 1e-10, F32: 1e-5}
@@ -252,44 +252,6 @@ def test_zero_tail_padding_is_noop(C):
     assert rel(o_p[:, :, :13], o) < 1e-15
 
 
-@pytest.mark.parametrize("C", [1, 2, 5, 16, 24, 64])
-def test_ut_identities(C):
-    """(I + A) T = I; I − KᵀW == ordered product of (I − b k kᵀ) (newest left); KᵀU == chunk recurrence from 0."""
-    _, k, v, b, _ = inputs(1, 1, C, 8, 3, seed=C)
-    k, v, b = k[0, 0], v[0, 0], b[0, 0]                      # (C,Dk), (C,Dv), (C,)
-    A = torch.tril(b[:, None] * (k @ k.T), -1)               # (C,C)
-    Tm = unit_lower_inverse(A[None])[0]                      # (C,C)
-    eye_c, eye_k = torch.eye(C, dtype=F64), torch.eye(8, dtype=F64)
-    assert (((eye_c + A) @ Tm) - eye_c).abs().max() < 1e-12
-    assert torch.equal(torch.triu(Tm, 1), torch.zeros_like(Tm)) and torch.equal(Tm.diagonal(), torch.ones(C, dtype=F64))
-    W, U = Tm @ (b[:, None] * k), Tm @ (b[:, None] * v)      # (C,Dk), (C,Dv)
-    P = eye_k
-    for i in range(C):
-        P = (eye_k - b[i] * torch.outer(k[i], k[i])) @ P
-    assert (eye_k - k.T @ W - P).abs().max() < 1e-12
-    _, S_rec = delta_rule_recurrent(*(x[None, None] for x in (k, k, v, b)))
-    assert (k.T @ U - S_rec[0, 0]).abs().max() < 1e-12
-
-
-@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 9, 16, 17, 24, 64, 100])
-@pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
-def test_ut_factor_equals_the_autograd_inverse(C, dtype):
-    """The kernel's no-grad UT factor (A's blocks from K, substituted base blocks) is unit lower-triangular and equals
-    (I + A)⁻¹ to rounding, also with Dk = 1 (all keys parallel: where blocked doubling lost fp32 precision), and it
-    equals the autograd version `unit_lower_inverse` (the one the reference schedule differentiates)."""
-    for Dk in (8, 1):
-        _, k, _, b, _ = inputs(3, 2, C, Dk, 1, dtype=dtype, seed=C)
-        kz, bz = k.reshape(6, C, Dk), b.reshape(6, C, 1)
-        A = torch.tril(bz * (kz @ kz.mT), -1)                             # (6,C,C)
-        Tm = ut_factor(kz, bz)
-        eye = torch.eye(C, dtype=dtype)
-        assert Tm.shape == (6, C, C) and torch.equal(torch.triu(Tm, 1), torch.zeros_like(Tm))
-        assert torch.equal(Tm.diagonal(dim1=-2, dim2=-1), torch.ones(6, C, dtype=dtype))
-        exact = torch.linalg.inv(eye.double() + A.double())
-        assert (Tm.double() - exact).abs().max() < (1e-12 if dtype == F64 else 1e-6)
-        assert rel(Tm, unit_lower_inverse(A)) < (1e-13 if dtype == F64 else 1e-5)
-
-
 def test_dynamo_no_graph_break():
     """torch.compile(fullgraph=True) could take the chunked kernel whole: dynamo reports no graph break."""
     import torch._dynamo
@@ -319,88 +281,3 @@ def test_bf16_inputs_accumulate_in_fp32():
     assert o.dtype == torch.bfloat16 and S.dtype == F32
     o_r, _ = delta_rule_recurrent(*lo, initial_state=S0.float())
     assert rel(o.double(), o_ref) < 3 * rel(o_r.double(), o_ref) + 1e-3 and rel(S.double(), S_ref) < 5e-2
-
-
-# ------------------------------------------------------------------------------------------------------ layer
-def make_layer(recurrent_below=64, chunk_size=8, Dk=6, Dv=5):
-    torch.manual_seed(0)
-    layer = DeltaNet(d_model=12, n_heads=2, head_dim_k=Dk, head_dim_v=Dv, chunk_size=chunk_size,
-                     recurrent_below=recurrent_below).double()
-    with torch.no_grad():                       # larger weights than the 0.02 init so the test sees real signal
-        for p in layer.parameters():
-            p.normal_(0, 0.5)
-    return layer
-
-
-@given(T=st.integers(2, 80), data=st.data(), below=st.sampled_from([0, 5, 64]))
-def test_layer_streaming_equals_full(T, data, below):
-    """Any segmentation of a sequence (state carried, conv gets its cached left context) == one full call."""
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, T - 1), max_size=4), label="cuts")))
-    layer = make_layer(recurrent_below=below)
-    x = torch.randn(2, T, 12, dtype=F64, generator=torch.Generator().manual_seed(T))
-    y_full, st_full = layer(x)
-    ys, state = [], None
-    for a, b in zip([0] + cuts, cuts + [T]):
-        y, state = layer(x[:, a:b], state)
-        ys.append(y)
-    assert rel(torch.cat(ys, 1), y_full) < 1e-10 and rel(state.S, st_full.S) < 1e-10
-    assert rel(state.conv, st_full.conv) < 1e-12
-
-
-def test_layer_prefill_then_decode():
-    """Prefill (chunked path, T > recurrent_below) then token-by-token decode == one full call."""
-    layer = make_layer(recurrent_below=16)
-    x = torch.randn(2, 40, 12, dtype=F64, generator=torch.Generator().manual_seed(1))
-    y_full, st_full = layer(x)
-    y, state = layer(x[:, :25])
-    ys = [y]
-    for t in range(25, 40):
-        y, state = layer(x[:, t:t + 1], state)
-        ys.append(y)
-    assert rel(torch.cat(ys, 1), y_full) < 1e-10 and rel(state.S, st_full.S) < 1e-10
-    assert state.S.shape == (2, 2, 6, 5) and state.conv.shape == (2, 3, 2 * 12 + 10)
-
-
-@pytest.mark.parametrize("T", [1, 63, 64, 65, 100])
-def test_layer_kernel_switch_agrees(T):
-    """Both sides of the recurrent/chunked switch agree (fp32 default dtype, default recurrent_below=64)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, T, 32)
-    chunked = DeltaNet(32, 2, recurrent_below=0)
-    recurrent = DeltaNet(32, 2, recurrent_below=10**9)
-    default = DeltaNet(32, 2)
-    recurrent.load_state_dict(chunked.state_dict())
-    default.load_state_dict(chunked.state_dict())
-    (yc, sc), (yr, sr), (yd, sd) = chunked(x), recurrent(x), default(x)
-    assert rel(yc, yr) < 1e-5 and rel(sc.S, sr.S) < 1e-5 and rel(yd, yr) < 1e-5
-    assert sc.S.dtype == F32
-
-
-def test_layer_causality_and_conv_cache():
-    """Perturbing x at t' leaves y_{<t'} unchanged; the conv cache is the last W-1 pre-conv inputs,
-    left zero-padded when fewer tokens were seen."""
-    layer = make_layer(recurrent_below=0)
-    x = torch.randn(1, 30, 12, dtype=F64)
-    y, _ = layer(x)
-    x2 = x.clone()
-    x2[:, 17:] += 1.0
-    y2, _ = layer(x2)
-    assert (y2[:, :17] - y[:, :17]).abs().max() <= 1e-12 and (y2[:, 17:] - y[:, 17:]).abs().max() > 1e-3
-    _, state = layer(x[:, :1])
-    proj = torch.cat([layer.q_proj(x[:, :1]), layer.k_proj(x[:, :1]), layer.v_proj(x[:, :1])], -1)
-    assert torch.equal(state.conv[:, :2], torch.zeros_like(state.conv[:, :2]))
-    assert torch.allclose(state.conv[:, 2:], proj)
-    assert isinstance(state, DeltaNetState)
-
-
-def test_layer_gradients_flow_to_params_and_state():
-    """The layer is differentiable w.r.t. its parameters and the incoming state (as REFINE training needs)."""
-    layer = make_layer(recurrent_below=4)
-    x = torch.randn(2, 11, 12, dtype=F64)
-    S0 = torch.randn(2, 2, 6, 5, dtype=F64, requires_grad=True)
-    conv0 = torch.randn(2, 3, 34, dtype=F64, requires_grad=True)
-    y, state = layer(x, DeltaNetState(S=S0, conv=conv0))
-    (y.square().sum() + state.S.sum()).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
-    assert S0.grad.abs().sum() > 0 and conv0.grad.abs().sum() > 0
-    assert math.isfinite(y.sum().item())
