@@ -1,7 +1,7 @@
 """Benchmark: chunked WY/UT delta rule vs the token-by-token recurrence (refine_mini/delta_rule.py).
 
 Prints, all measured in this one run: recurrent/chunked time ratios (forward, forward+backward) at B=2, H=4,
-Dk=Dv=64, T in {512, 2048}; memory of the chunked op at T=2048 and 8192; the chunked forward's FLOP rate as a fraction
+Dk=Dv=64, T in {512, 2048}; peak and saved memory of the chunked op at T=2048 and 8192; the chunked forward's FLOP rate as a fraction
 of a 2048x2048 fp32 matmul's. On CUDA it also times torch.compile(fullgraph=True) of the chunked kernel.
 
 FLOPs of the chunked forward are the nominal count of fast-weights.md §1.3 (per head, per token:
@@ -29,24 +29,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.baselines import delta_rule_chunked_plain, delta_rule_recurrent_indexed  # noqa: E402
+from bench.measure import back_to_back, cpu_peak_bytes, onednn_rate, sync, timed  # noqa: E402
 from refine_mini.common import keep_freed_memory  # noqa: E402
 from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sync():
-    if DEV == "cuda":
-        torch.cuda.synchronize()
 
 
 def inputs(B, H, T, D, grad=False, seed=0):
@@ -57,45 +51,6 @@ def inputs(B, H, T, D, grad=False, seed=0):
     beta = torch.rand(B, H, T, generator=g)
     S0 = torch.randn(B, H, D, D, generator=g)
     return [x.to(DEV).requires_grad_(grad) for x in (q, k, v, beta, S0)]
-
-
-def timed(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median wall time (s) per callable, the callables interleaved round-robin."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def back_to_back(fns: dict, rounds: int = 3) -> dict:
-    """Median over `rounds` of each callable's back-to-back median (`timed` on it alone, after warm-up); the blocks
-    alternate, so a slow phase of the machine hits every callable. fns: name -> (callable, repeats per block)."""
-    blocks = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, (f, repeats) in fns.items():
-            blocks[name].append(timed({name: f}, repeats, warmup=2 if repeats > 3 else 1)[name])  # 1: the slow ones
-    return {name: statistics.median(ts) for name, ts in blocks.items()}
-
-
-def onednn_rate(a: torch.Tensor) -> float | None:
-    """FLOP rate of the same fp32 product a @ a through oneDNN (PyTorch's mkldnn backend) instead of MKL, the BLAS
-    that torch.matmul and torch.bmm call on CPU; None where it is unavailable. A diagnostic only: on some CPUs MKL
-    runs a slower code path than the cores allow (measured: 2x on a 2-core EPYC), and oneDNN shows what they allow.
-    Uses a private entry point (torch._C._nn.mkldnn_linear); the kernels never call it."""
-    try:
-        am, wm = a.to_mkldnn(), a.t().contiguous().to_mkldnn()          # mkldnn_linear computes x wᵀ
-        t = timed({"dnn": lambda: torch._C._nn.mkldnn_linear(am, wm)}, 6, warmup=2)["dnn"]
-    except (RuntimeError, AttributeError):
-        return None
-    return 2 * a.shape[0] ** 3 / t
 
 
 def fwd(kernel, xs, **kw):
@@ -141,6 +96,22 @@ def saved_bytes(xs, C):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         o, S = delta_rule_chunked(*xs[:4], chunk_size=C, initial_state=xs[4])
     return sum(seen.values()), o.numel() * o.element_size()
+
+
+def forward_peak(xs, C, grad: bool) -> int | None:
+    """Peak tensor memory (bytes) of one chunked forward, with or without autograd (CUDA: the allocator's peak;
+    CPU: the profiler's allocation records, bench/measure.py). Inputs and the returned outputs count while held."""
+    def run():
+        with torch.set_grad_enabled(grad):
+            delta_rule_chunked(*xs[:4], chunk_size=C, initial_state=xs[4])
+    if DEV != "cuda":
+        return cpu_peak_bytes(run)
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    sync()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def main(argv=None) -> int:
@@ -214,21 +185,17 @@ def main(argv=None) -> int:
             print(f"{'':>6} compiled chunked: fwd {t['kf'] * 1e3:.2f} ms ({t['rf'] / t['kf']:.1f}x), "
                   f"f+b {t['kb'] * 1e3:.2f} ms ({t['rb'] / t['kb']:.1f}x)")
 
-    print("\nmemory of the chunked op (fp32):")
+    print("\nmemory of the chunked op (fp32; peak = tensor memory held above what was held before the call):")
     for T in mem_lengths:
         xg = inputs(B, H, T, D, grad=True)
         saved, out_bytes = saved_bytes(xg, C)
-        line = (f"  T={T:>5}: tensors saved by autograd for backward {saved / 2**20:7.1f} MiB "
-                f"(= {saved / out_bytes:.1f}x the output o; per-chunk states alone "
-                f"{B * H * (-(-T // C)) * D * D * 4 / 2**20:.1f} MiB)")
-        if DEV == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with torch.no_grad():
-                delta_rule_chunked(*xg[:4], chunk_size=C, initial_state=xg[4])
-            sync()
-            line += f"; CUDA peak during no-grad forward {(torch.cuda.max_memory_allocated() - base) / 2**20:.1f} MiB"
-        print(line)
+        peaks = [forward_peak(xg, C, grad) for grad in (False, True)]
+        line = f"  T={T:>5}: "
+        if None not in peaks:
+            line += (f"forward peak {peaks[0] / 2**20:.1f} MiB without grad ({peaks[0] / out_bytes:.1f}x the output o), "
+                     f"{peaks[1] / 2**20:.1f} MiB with; ")
+        print(line + f"saved for backward {saved / 2**20:.1f} MiB ({saved / out_bytes:.1f}x o; per-chunk states "
+              f"alone {B * H * (-(-T // C)) * D * D * 4 / 2**20:.1f} MiB)")
 
     if not args.quick:
         T = max(lengths)

@@ -18,7 +18,9 @@ Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different sc
   all outputs O = scale (M U' + Q h_n) are then batched again.
 - The backward is written by hand (refine_mini/delta_rule_bwd.py; derivation in docs/deltanet.md §3): one reverse scan
   over chunks for the state gradient, all other matmuls batched over chunks. It saves T, W, M, U' and h_n
-  (about 5x the output o, plus the inputs) instead of recomputing them as fla does.
+  (about 5x the output o, plus the inputs) instead of recomputing them as fla does. When no backward can follow
+  (grad mode off, or no input requires grad) nothing is saved and T, W are freed once used: the forward's peak
+  tensor memory is then 4x o instead of 6x (bench/kernels.py measures both).
   `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd, with the blocked-doubling
   inverse `unit_lower_inverse`) is kept as its test oracle.
 - fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs; fla stores U' and states in the input dtype.
@@ -139,11 +141,14 @@ def _delta_rule_chunked_autograd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, 
     return o.to(q.dtype), h.view(B, H, Dk, Dv)
 
 
-def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, scale: float):
+def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, scale: float,
+                   for_backward: bool = True):
     """Forward of the chunked delta rule on chunk batches (module docstring, "Schedule"); runs without autograd.
 
     qz, kz (Z,C,Dk), vz (Z,C,Dv), bz (Z,C,1), h (BH,Dk,Dv) with Z = BH·N, the N chunks of one head consecutive.
-    Returns o (Z,C,Dv), the final state (BH,Dk,Dv) and what the backward needs.
+    Returns o (Z,C,Dv), the final state (BH,Dk,Dv) and what the backward needs, (T, W, M, U', h_n). With
+    for_backward=False, T and W are let go as soon as they are used (None in that tuple): the forward's peak memory
+    falls from 6x to 4x the output's.
     """
     Z, C, Dk = kz.shape
     BH, _, Dv = h.shape
@@ -153,6 +158,8 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     W = torch.bmm(Tb, kz)                                               # W = T diag(b) K: (Z,C,C)@(Z,C,Dk)
     Up = torch.bmm(Tb, vz)                                              # U = T diag(b) V: (Z,C,C)@(Z,C,Dv)
     del Tb
+    if not for_backward:
+        Tm = None                                                       # only the backward reads T again
     U4, W4, K4 = Up.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
     hs = h.new_empty(BH, N, Dk, Dv)                                     # h_n, the state entering chunk n
     h = h.clone()                                                       # updated in place below
@@ -161,6 +168,8 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
         U4[:, n] -= torch.bmm(W4[:, n], h)                              # U' = U - W h_n: (BH,C,Dk)@(BH,Dk,Dv)
         h.baddbmm_(K4[:, n].mT, U4[:, n])                               # h_{n+1} = h_n + Kᵀ U': (BH,Dk,C)@(BH,C,Dv)
     hs = hs.view(Z, Dk, Dv)
+    if not for_backward:
+        W = W4 = None
     # all outputs at once: O = s (M U' + Q h_n),  M = tril_incl(Q Kᵀ)
     M = torch.bmm(qz, kz.mT).tril_()                                    # (Z,C,C)
     o = torch.bmm(M, Up).baddbmm_(qz, hs, beta=scale, alpha=scale)     # (Z,C,C)@(Z,C,Dv) + (Z,C,Dk)@(Z,Dk,Dv)
@@ -173,9 +182,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     Checked against `_delta_rule_chunked_autograd` and by gradcheck."""
 
     @staticmethod
-    def forward(ctx, qz, kz, vz, bz, h0, scale, with_states):
-        o, h, saved = _chunk_forward(qz, kz, vz, bz, h0, scale)
-        ctx.save_for_backward(qz, kz, vz, bz, *saved)
+    def forward(ctx, qz, kz, vz, bz, h0, scale, with_states, for_backward):
+        o, h, saved = _chunk_forward(qz, kz, vz, bz, h0, scale, for_backward)
+        if for_backward:
+            ctx.save_for_backward(qz, kz, vz, bz, *saved)
         ctx.scale = scale
         hs = saved[-1].clone() if with_states else h.new_empty(0)       # states entering each chunk (Z,Dk,Dv)
         return o, h, hs
@@ -186,7 +196,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # a loss like o.sum() hands in an expanded (stride-0) dO, which every matmul would materialise again: it is
         # made dense once here
         do, dhs = do.contiguous(), (dhs.contiguous() if dhs.numel() else None)
-        return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None)
+        return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None, None)
 
 
 def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64,
@@ -205,7 +215,8 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
-    o, h, hs = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale, chunk_states)
+    for_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta, h0))
+    o, h, hs = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale, chunk_states, for_backward)
     o = o.view(B, H, N * chunk_size, Dv)                                # (B,H,N·C,Dv)
     if N * chunk_size != T:                                             # (a no-op slice still costs a zero-filled
         o = o[:, :, :T]                                                 # full-size gradient): drop padded rows

@@ -1,0 +1,80 @@
+"""Measuring helpers for bench/kernels.py: wall-time medians (interleaved and back to back), the peak tensor memory of
+a call on CPU, and the oneDNN matmul rate beside MKL's.
+
+Question answered: how do we time and size a kernel fairly on a shared, noisy machine, in one run?
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time (s) per callable, the callables interleaved round-robin."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def back_to_back(fns: dict, rounds: int = 3) -> dict:
+    """Median over `rounds` of each callable's back-to-back median (`timed` on it alone, after warm-up); the blocks
+    alternate, so a slow phase of the machine hits every callable. fns: name -> (callable, repeats per block)."""
+    blocks = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, (f, repeats) in fns.items():
+            blocks[name].append(timed({name: f}, repeats, warmup=2 if repeats > 3 else 1)[name])  # 1: the slow ones
+    return {name: statistics.median(ts) for name, ts in blocks.items()}
+
+
+def _walk(nodes):
+    for node in nodes:
+        yield node
+        yield from _walk(node.children)
+
+
+def cpu_peak_bytes(fn) -> int | None:
+    """Peak bytes of CPU tensor memory held, above what was held before, while fn() runs: the running sum of the
+    allocations and frees that the profiler records (profile_memory=True), in time order. CPU has no counterpart of
+    torch.cuda.max_memory_allocated. None where this PyTorch's profiler does not expose its event tree (private)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        nodes = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
+    except AttributeError:
+        return None
+    allocs = sorted((n for n in nodes if hasattr(n.extra_fields, "alloc_size")), key=lambda n: n.start_time_ns)
+    live = peak = 0
+    for n in allocs:                                                    # a free is a negative alloc_size
+        live += n.extra_fields.alloc_size
+        peak = max(peak, live)
+    return peak
+
+
+def onednn_rate(a: torch.Tensor) -> float | None:
+    """FLOP rate of the same fp32 product a @ a through oneDNN (PyTorch's mkldnn backend) instead of MKL, the BLAS
+    that torch.matmul and torch.bmm call on CPU; None where it is unavailable. A diagnostic only: on some CPUs MKL
+    runs a slower code path than the cores allow (measured: 2x on a 2-core EPYC), and oneDNN shows what they allow.
+    Uses a private entry point (torch._C._nn.mkldnn_linear); the kernels never call it."""
+    try:
+        am, wm = a.to_mkldnn(), a.t().contiguous().to_mkldnn()          # mkldnn_linear computes x wᵀ
+        t = timed({"dnn": lambda: torch._C._nn.mkldnn_linear(am, wm)}, 6, warmup=2)["dnn"]
+    except (RuntimeError, AttributeError):
+        return None
+    return 2 * a.shape[0] ** 3 / t
