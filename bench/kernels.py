@@ -1,8 +1,8 @@
 """Benchmark: chunked WY/UT delta rule vs the token-by-token recurrence (refine_mini/delta_rule.py).
 
 Prints, all measured in this one run: recurrent/chunked time ratios (forward, forward+backward) at B=2, H=4,
-Dk=Dv=64, T in {512, 2048}; peak and saved memory of the chunked op at T=2048 and 8192; the chunked forward's FLOP rate as a fraction
-of a 2048x2048 fp32 matmul's. On CUDA it also times torch.compile(fullgraph=True) of the chunked kernel.
+Dk=Dv=64, T in {512, 2048}; peak and saved memory of the chunked op at T=2048 and 8192; the chunked forward's FLOP
+rate as a fraction of a 2048x2048 fp32 matmul's. On CUDA it also times torch.compile(fullgraph=True) of the kernel.
 
 FLOPs of the chunked forward are the nominal count of fast-weights.md §1.3 (per head, per token:
 6 d² + 10 C d + C²/3, FLOPs = 2 x MACs); the implementation's own matmul count is within ~10% of it at C=64, d=64.

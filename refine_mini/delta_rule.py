@@ -215,6 +215,7 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
+    # decided here: inside Function.forward grad mode is always off and ctx.needs_input_grad ignores torch.no_grad()
     for_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta, h0))
     o, h, hs = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale, chunk_states, for_backward)
     o = o.view(B, H, N * chunk_size, Dv)                                # (B,H,N·C,Dv)

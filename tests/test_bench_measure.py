@@ -15,4 +15,4 @@ def test_cpu_peak_bytes_is_the_high_water_mark_of_held_tensors():
     held = torch.empty(1 << 20)                                         # held before the call: not counted
     peak = cpu_peak_bytes(run)
     assert peak == 3 << 20                                              # exact: the CPU allocator rounds nothing here
-    del held
+    del held                                                            # held until here
