@@ -10,12 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refine_mini.deltanet import DeltaNet, DeltaNetState
-
-F64, F32 = torch.float64, torch.float32
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from tests.test_deltanet import F32, F64, rel
 
 
 def make_layer(recurrent_below=64, chunk_size=8, Dk=6, Dv=5):

@@ -4,33 +4,17 @@ differentiable `unit_lower_inverse`.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from refine_mini.deltanet import delta_rule_recurrent
 from refine_mini.ut_factor import unit_lower_inverse, ut_factor
-
-F64, F32 = torch.float64, torch.float32
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def chunk(C, Dk, Dv, dtype, seed, batch=None):
-    """One chunk's unit-norm keys k (C,Dk), values v (C,Dv) and betas b in (0.01, 0.99) (C,), drawn in fp64;
-    with `batch`, a leading batch dimension on each."""
-    g = torch.Generator().manual_seed(seed)
-    lead = () if batch is None else (batch,)
-    k = F.normalize(torch.randn(*lead, C, Dk, generator=g, dtype=F64), dim=-1)
-    v = torch.randn(*lead, C, Dv, generator=g, dtype=F64)
-    b = torch.rand(*lead, C, generator=g, dtype=F64) * 0.98 + 0.01
-    return k.to(dtype), v.to(dtype), b.to(dtype)
+from tests.test_deltanet import F32, F64, inputs, rel
 
 
 @pytest.mark.parametrize("C", [1, 2, 5, 16, 24, 64])
 def test_ut_identities(C):
     """(I + A) T = I; I − KᵀW == ordered product of (I − b k kᵀ) (newest left); KᵀU == chunk recurrence from 0."""
-    k, v, b = chunk(C, 8, 3, F64, seed=C)                    # (C,Dk), (C,Dv), (C,)
+    _, k, v, b, _ = inputs(1, 1, C, 8, 3, seed=C)
+    k, v, b = k[0, 0], v[0, 0], b[0, 0]                      # (C,Dk), (C,Dv), (C,)
     A = torch.tril(b[:, None] * (k @ k.T), -1)               # (C,C)
     Tm = unit_lower_inverse(A[None])[0]                      # (C,C)
     eye_c, eye_k = torch.eye(C, dtype=F64), torch.eye(8, dtype=F64)
@@ -52,8 +36,8 @@ def test_ut_factor_equals_the_autograd_inverse(C, dtype):
     (I + A)⁻¹ to rounding, also with Dk = 1 (all keys parallel: where blocked doubling lost fp32 precision), and it
     equals the autograd version `unit_lower_inverse` (the one the reference schedule differentiates)."""
     for Dk in (8, 1):
-        kz, _, bz = chunk(C, Dk, 1, dtype, seed=C, batch=6)              # (6,C,Dk), (6,C)
-        bz = bz[..., None]                                                # (6,C,1)
+        _, k, _, b, _ = inputs(3, 2, C, Dk, 1, dtype=dtype, seed=C)
+        kz, bz = k.reshape(6, C, Dk), b.reshape(6, C, 1)
         A = torch.tril(bz * (kz @ kz.mT), -1)                             # (6,C,C)
         Tm = ut_factor(kz, bz)
         eye = torch.eye(C, dtype=dtype)
