@@ -187,7 +187,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         if for_backward:
             ctx.save_for_backward(qz, kz, vz, bz, *saved)
         ctx.scale = scale
-        hs = saved[-1].clone() if with_states else h.new_empty(0)       # states entering each chunk (Z,Dk,Dv)
+        hs = saved[-1] if with_states else h.new_empty(0)                # states entering each chunk (Z,Dk,Dv)
+        if with_states and for_backward:
+            hs = hs.clone()                                             # saved too: an in-place edit must not reach it
         return o, h, hs
 
     @staticmethod
