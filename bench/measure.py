@@ -5,6 +5,8 @@ Question answered: how do we time and size a kernel fairly on a shared, noisy ma
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 
@@ -49,11 +51,25 @@ def _walk(nodes):
         yield from _walk(node.children)
 
 
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Send file descriptor 2 to /dev/null for the block: Kineto (the profiler's C++ side) prints a 'USDT ...
+    profiler_start/stop' line there on every profile, which Python's sys.stderr cannot catch."""
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def cpu_peak_bytes(fn) -> int | None:
     """Peak bytes of CPU tensor memory held, above what was held before, while fn() runs: the running sum of the
     allocations and frees that the profiler records (profile_memory=True), in time order. CPU has no counterpart of
     torch.cuda.max_memory_allocated. None where this PyTorch's profiler does not expose its event tree (private)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:
         nodes = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))

@@ -1,4 +1,6 @@
 """bench/measure.py's CPU peak-memory probe reports the high-water mark of the tensors a call holds."""
+import os
+
 import torch
 
 from bench.measure import cpu_peak_bytes
@@ -16,3 +18,10 @@ def test_cpu_peak_bytes_is_the_high_water_mark_of_held_tensors():
     peak = cpu_peak_bytes(run)
     assert peak == 3 << 20                                              # exact: the CPU allocator rounds nothing here
     del held                                                            # held until here
+
+
+def test_cpu_peak_bytes_keeps_the_profilers_lines_off_stderr_and_restores_it(capfd):
+    cpu_peak_bytes(lambda: torch.empty(16))
+    os.write(2, b"after\n")                                             # file descriptor 2 works again
+    err = capfd.readouterr().err
+    assert err == "after\n"                                             # no 'USDT ... profiler_start' lines
