@@ -107,6 +107,8 @@ def main(argv=None) -> dict:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if args.samples % args.batch_size:  # whole batches only, as the official loader (drop_last=True)
+            raise ValueError(f"--samples ({args.samples}) must be a multiple of --batch-size ({args.batch_size})")
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")
         device = pick_device(args.device)

@@ -15,7 +15,7 @@ optimizer steps (method.md §8.3 says the paper's baselines probably took fewer;
 Deviations from the paper:
 - Tasks: our synthetic RULER-style S-NIAH, MK-NIAH and one-hop multi-doc QA (niah.py, qa.py), TRAINING split
   (keys, values and entities are partitioned by split, so no eval item is ever trained on), instead of the 1600
-  SQuAD/HotpotQA RULER prompts; B 4 instead of 64, 20 steps, prompts of 512 tokens instead of 8K.
+  SQuAD/HotpotQA RULER prompts; B 4 instead of 64, 100 batches, prompts of 512 tokens instead of 8K.
 - The SFT target is Example.target, " <answer>\\n": answers[0]-style text plus the newline that ends every answer
   in our prompt format (the paper appends no EOS; our evaluation stops at the first newline, which plays EOS's role).
   Prompt and target are tokenised separately, as in the paper; rows are right-padded, never left-padded.

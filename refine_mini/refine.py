@@ -188,7 +188,7 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
     rollout_time = time.perf_counter() - start_time
 
     # 3) rewards (all three logged) and GRPO advantages within each group
-    rewards = compute_rewards(rollouts, padded, h_gt)  # dict of (N,)
+    rewards = compute_rewards(rollouts, padded, h_gt, lengths)  # dict of (N,)
     advantages, flat = group_advantages(rewards[cfg.reward], group_ids(rollouts), cfg.adv_eps)  # (N,), (G,)
     batch_metrics = _batch_metrics(rewards, flat, selection)
 

@@ -7,6 +7,9 @@ method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per 
 - mid (`--objective refine`, the default): long documents from the corpus (the built-in synthetic one, or --data);
   every batch is one §1.9 loop: entropy selection, c*n rollouts of k tokens, cosine reward, GRPO + NTP.
   λ_NTP 1, λ_RL 0.2, c 8, k 5, n 1, PPO ε 0.2 (paper §2 defaults; RefineConfig owns them).
+  Deviation: one optimizer step per batch (RefineConfig.schedule "single", exactly on-policy, no separate rollout
+  pass), not the paper's 4 mini-batch steps; `--schedule minibatch --minibatches 4` runs the official schedule, where
+  the later mini-batches are slightly off-policy and the PPO clip acts (refine.py). The baselines match either count.
 - mid `--objective ntp`: the baseline "SFT MidTr" -- NTP only on the same documents, with the SAME number of
   optimizer steps per batch as REFINE takes (one per REFINE mini-batch, on the same rows). method.md §8.3 suspects
   the paper's baselines took fewer steps; we match them and log the count (`opt_step`) so the comparison is fair.
@@ -16,8 +19,8 @@ Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant 
 Deviation: the paper's LR is 1e-6 for 0.76-1.3B models trained on billions of tokens. Our models are ~10M
 parameters pre-trained from scratch at a peak LR of 3e-3 (cosine down to 3e-4) for a few minutes, and a regime
 runs tens of steps: 1e-6 would not move them at all. We use 1e-4 for mid-training (1/3 of the last pre-training LR,
-enough to move in 20 steps without undoing the pre-training) and 3e-4 for post-training (a new prompt/answer format
-has to be learned in ~30 steps). Both are tuned knobs (--lr).
+enough to move in 20 batches without undoing the pre-training) and 3e-4 for post-training (a new prompt/answer
+format has to be learned in 100 batches). Both are tuned knobs (--lr).
 
 Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
 opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns), ckpt.pt (atomic,

@@ -21,11 +21,14 @@ REWARDS = ("cosine", "binary", "hybrid")
 
 
 @torch.no_grad()
-def compute_rewards(rollouts: Rollouts, tokens: torch.Tensor, h_gt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """tokens (B, T) and h_gt (B, T, D) of the documents (right-padded) -> {"cosine", "binary", "hybrid"}: (N,) each."""
+def compute_rewards(rollouts: Rollouts, tokens: torch.Tensor, h_gt: torch.Tensor,
+                    lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """tokens (B, T) and h_gt (B, T, D) of the documents (right-padded), lengths (B,) their real lengths (None: all T)
+    -> {"cosine", "binary", "hybrid"}: (N,) each. A ground truth that would reach into the padding is an error."""
     N, k = rollouts.tokens.shape
-    if bool((rollouts.pos + k >= tokens.shape[1]).any()):
-        raise ValueError("a rollout runs past the end of its document: the ground truth needs t + k < T")
+    ends = tokens.shape[1] if lengths is None else lengths.to(tokens.device)[rollouts.doc]  # () or (N,)
+    if bool((rollouts.pos + k >= ends).any()):
+        raise ValueError("a rollout runs past the end of its document: the ground truth needs t + k < length")
     gt_index = rollouts.pos[:, None] + 1 + torch.arange(k, device=tokens.device)  # (N, k): r..r+k-1, r = t+1
     doc_index = rollouts.doc[:, None].expand(N, k)  # (N, k)
     gt_tokens = tokens[doc_index, gt_index]  # (B, T) gather -> (N, k)

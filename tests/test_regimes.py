@@ -159,6 +159,9 @@ def test_bad_inputs_exit_2(tmp_path, tiny_ckpt):
     with pytest.raises(SystemExit) as e:
         tta.main(["--ckpt", str(tiny_ckpt), "--task", "bogus"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # a partial last batch: the official loader drops it, we refuse it
+        tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "6", "--batch-size", "4"])
+    assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         train.main(["--model", "deltanet", "--regime", "post", "--objective", "ntp", "--init", str(tiny_ckpt),
                     "--out", str(tmp_path / "x")])

@@ -57,3 +57,8 @@ def test_rewards_carry_no_gradient_and_reject_rollouts_past_the_end():
     ro.pos = torch.tensor([5])  # ground truth would need x_6..x_8, but T = 8
     with pytest.raises(ValueError):
         compute_rewards(ro, torch.zeros(1, 8, dtype=torch.long), torch.randn(1, 8, 4))
+    ro.pos = torch.tensor([2])  # x_3..x_5 exist in the padded batch, but this document is only 5 tokens long
+    with pytest.raises(ValueError, match="past the end"):
+        compute_rewards(ro, torch.zeros(1, 8, dtype=torch.long), torch.randn(1, 8, 4), lengths=torch.tensor([5]))
+    rewards = compute_rewards(ro, torch.zeros(1, 8, dtype=torch.long), torch.randn(1, 8, 4), lengths=torch.tensor([6]))
+    assert rewards["binary"].item() == 1.0  # x_3..x_5 all inside a 6-token document
