@@ -23,7 +23,8 @@ enough to move in 20 batches without undoing the pre-training) and 3e-4 for post
 format has to be learned in 100 batches). Both are tuned knobs (--lr).
 
 Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
-opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns), ckpt.pt (atomic,
+opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns; in mid-training
+every val_every-th batch's last line also holds val_loss and val_sampled_acc, method.md §3), ckpt.pt (atomic,
 every ckpt_every batches and at the end). A non-finite loss raises FloatingPointError before anything is saved, so
 the last good checkpoint survives. Resume (--resume) is exact on CPU: every batch and every rollout sampler is
 seeded by (seed, step), and the checkpoint holds model, optimizer, step and RNG states.
@@ -38,7 +39,8 @@ from pathlib import Path
 import torch
 
 from refine_mini.common import MetricLog, load_checkpoint, make_generator, set_rng_state
-from refine_mini.trainer import clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run
+from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run,
+                                 validation_metrics)
 
 OBJECTIVES = {"mid": ("refine", "ntp"), "post": ("refine", "nested-sft", "sft")}
 
@@ -61,6 +63,8 @@ class RegimeConfig:
     train_tasks: tuple = ("s_niah", "mk_niah", "qa")  # post: TRAINING-split tasks, mixed within each batch
     eval_tasks: tuple = ("s_niah", "qa")  # post: the quick before/after score (EVAL split, greedy)
     eval_samples: int = 16  # post: eval prompts per task
+    val_every: int = 10  # mid: batches between validations (the official test_freq=10), plus one before and at the end
+    val_batches: int = 2  # mid: fixed val-split batches of batch_size documents (NTP loss, sampled-token accuracy)
 
 
 def defaults(regime: str) -> RegimeConfig:
@@ -244,20 +248,31 @@ def run_mid(args, cfg: RegimeConfig, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
     run = Run(args, cfg, out, device)
     corpus = make_corpus(getattr(args, "data", None), cfg.seq_len, seed=cfg.seed)  # documents of >= T tokens
+    val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.val_batches]]  # fixed val-split rows
+
+    def validate() -> dict:  # the same sampling seed every time, so successive values differ only by the weights
+        return validation_metrics(run.model, val, step_generator(cfg.seed, 0, 2, device)) if val else {}
+    before = validate()
+    print("validation before: " + "  ".join(f"{k}={v:.4f}" for k, v in before.items()))
     bar = tqdm(range(run.step, cfg.max_steps), initial=run.step, total=cfg.max_steps,
                desc=f"mid {cfg.objective} {run.model.cfg.mixer}")
     last = {}
     try:
         for step in bar:
             tokens = corpus.batch(cfg.batch_size, step_generator(cfg.seed, step, 0))  # (B, T), train split
-            for m in inner_update(run.model, run.optimizer, tokens.to(device), cfg.objective, run.rcfg,
-                                  step_generator(cfg.seed, step, 1, device), cfg.grad_clip):
+            metrics = inner_update(run.model, run.optimizer, tokens.to(device), cfg.objective, run.rcfg,
+                                   step_generator(cfg.seed, step, 1, device), cfg.grad_clip)
+            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.max_steps:
+                metrics[-1].update(validate())  # logged on the batch's last optimizer-step line
+            for m in metrics:
                 run.record(cfg.objective, m)
-                last = m
+            last = {**last, **metrics[-1]}
             bar.set_postfix(ntp=f"{last.get('ntp_loss', float('nan')):.3f}", opt_steps=run.opt_steps)
             run.end_step()
     finally:
         run.close()
-    summary = {"steps": run.step, "optimizer_steps": run.opt_steps, "ntp_loss": last.get("ntp_loss")}
+    summary = {"steps": run.step, "optimizer_steps": run.opt_steps, "ntp_loss": last.get("ntp_loss"),
+               **{f"{k}_before": v for k, v in before.items()},
+               **{k: last[k] for k in ("val_loss", "val_sampled_acc") if k in last}}
     print(f"done: {out}/ckpt.pt  " + "  ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

@@ -143,6 +143,25 @@ def evaluate_loss(model, batches: list[torch.Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def validation_metrics(model, batches: list[torch.Tensor], generator: torch.Generator) -> dict:
+    """Mid-training's validation (method.md §3): the NTP cross-entropy and the "accuracy" of the official code, the
+    fraction of positions where a token SAMPLED at temperature 1 equals the next token (not argmax; noisy)."""
+    was_training = model.training
+    model.eval()
+    nll_sum = hits = count = 0.0
+    for tokens in batches:  # (B, T)
+        logits = model(tokens)[0][:, :-1].float()  # (B, T-1, V): predictions of x_1..x_{T-1}
+        targets = tokens[:, 1:]  # (B, T-1)
+        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        probs = logits.softmax(-1).flatten(0, 1)  # (B·(T-1), V)
+        sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)  # (B, T-1)
+        hits += (sampled == targets).sum().item()
+        count += targets.numel()
+    model.train(was_training)
+    return {"val_loss": nll_sum / count, "val_sampled_acc": hits / count}
+
+
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device, resume: bool = False) -> dict:
     """NTP pre-training. Returns the final metrics. `corpus` is a data.Corpus of cfg.seq_len-token rows."""
     out = run_dir(out)

@@ -97,6 +97,21 @@ def test_baselines_take_as_many_optimizer_steps_as_refine(tmp_path, tiny_ckpt, s
     assert post["sft"] == post["nested-sft"] == 3  # refine: 3 per batch too (previous test)
 
 
+def test_mid_training_validates_before_and_at_the_end_on_val_split_rows(tmp_path, tiny_ckpt, small_defaults, capsys):
+    """The last batch's line holds the validation of the final weights (recomputed here from the checkpoint)."""
+    from refine_mini.common import load_checkpoint
+    from refine_mini.data import make_corpus
+    from refine_mini.trainer import model_from_checkpoint, validation_metrics
+    lines = run_cli(tmp_path, "mid", "refine", tiny_ckpt, steps=2)
+    assert "val_loss" in lines[-1] and not any("val_loss" in line for line in lines[:-1])
+    assert "validation before: val_loss=" in capsys.readouterr().out
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "mid-refine"), "cpu")
+    val = make_corpus(None, LENGTH, seed=0).val_batches(2)[:2]
+    m = validation_metrics(model, val, regimes.step_generator(0, 0, 2))
+    assert lines[-1]["val_loss"] == pytest.approx(m["val_loss"], abs=2e-6)
+    assert lines[-1]["val_sampled_acc"] == pytest.approx(m["val_sampled_acc"], abs=2e-6)
+
+
 def ttt_weights_before_each_batch(ckpt, method, mode, cfg):
     """Run tta.run_method on 2 batches of 2 eval prompts; return (state dicts seen before each batch, steps)."""
     examples = make_task_examples("s_niah", 4, LENGTH, None, 0, split="eval")

@@ -11,7 +11,7 @@ from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint
 from refine_mini.model import FastWeightLM, ModelConfig
 from refine_mini.tokenizer import encode
 from refine_mini.trainer import (TrainConfig, answer_mask, answer_weighted_loss, lr_at, model_from_checkpoint,
-                                 ntp_loss, pretrain, token_nll)
+                                 ntp_loss, pretrain, token_nll, validation_metrics)
 
 
 class RandomCorpus:
@@ -184,6 +184,29 @@ def _pieces(*parts):
         ids += piece
         mask += [inside] * len(piece)
     return torch.tensor([ids]), torch.tensor([mask])
+
+
+class FixedPredictor(torch.nn.Module):
+    """Puts probability p on the true next token at every position (V = 4, the rest spread evenly)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, tokens):
+        probs = torch.full((*tokens.shape, 4), (1 - self.p) / 3)  # (B, T, V)
+        probs[:, :-1].scatter_(-1, tokens[:, 1:, None], self.p)
+        return probs.log(), None
+
+
+def test_validation_is_the_ntp_loss_and_a_sampled_token_accuracy():
+    """val_loss = -log p exactly; the accuracy samples at temperature 1, so it is ≈ p (not 1, as argmax would give)."""
+    batches = [torch.randint(0, 4, (8, 1001), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    m = validation_metrics(FixedPredictor(0.6), batches, torch.Generator().manual_seed(0))
+    assert m["val_loss"] == pytest.approx(-torch.tensor(0.6).log().item(), rel=1e-5)
+    assert abs(m["val_sampled_acc"] - 0.6) < 0.015  # 16,000 draws: 4 standard deviations
+    again = validation_metrics(FixedPredictor(0.6), batches, torch.Generator().manual_seed(0))
+    assert again == m  # seeded: the same generator seed gives the same value
 
 
 def test_answer_mask_marks_each_answer_through_its_newline():
