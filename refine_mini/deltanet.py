@@ -15,7 +15,8 @@ per-head RMSNorm over Dv (weight shared across heads); merge; o_proj.
 
 Deviations from fla: the three depthwise convs are one depthwise conv over the concatenated [q | k | v] channels
 (identical maths, one cache tensor); the conv cache holds the last W-1 pre-conv inputs batch-first (B, W-1, channels)
-instead of fla's (N, channels, W); no gate, no allow_neg_eigval, no varlen/padding masks. Optional mimetic
+instead of fla's (N, channels, W); no gate, no allow_neg_eigval, no varlen/padding masks; the short conv keeps
+PyTorch's default init instead of fla's N(0, 0.02) (see __init__). Optional mimetic
 initialisation (`mimetic_init_`, on by default in ModelConfig): the layer starts as an induction (copy) circuit.
 """
 from __future__ import annotations

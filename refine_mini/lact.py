@@ -15,6 +15,7 @@ Deviations:
 - Every complete chunk updates the fast weights, the last one included (see lact_ops.py): outputs equal the
   released code's, the returned state is the one streaming needs.
 - Newton-Schulz (use_muon) runs in fp32 on CPU (bf16 on CUDA).
+- Slow linears start at N(0, 0.02), as DeltaNet's, not the released initializer_range 0.006.
 - `norm_eps` is accepted for parity with DeltaNet's constructor and unused: the block RMSNorms live in the
   model, and the TTT output norm uses the released eps 1e-5.
 Streaming: forward(x, state) on any segmentation equals one full pass (outputs and final state).
@@ -160,8 +161,8 @@ class LaCT(nn.Module):
     def combine(self, x, attn, o):
         """Output: o_proj(attn + gated, normed TTT output). attn (B, T, D), o (B, T, Hf, d) -> (B, T, D)."""
         B, T, D = x.shape
-        o = o.to(x.dtype)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + TTT_NORM_EPS) * self.ttt_norm_weight
+        o = o.float() if o.dtype != torch.float64 else o  # the norm in fp32 whatever x's dtype, as DeltaNet's
+        o = (o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + TTT_NORM_EPS) * self.ttt_norm_weight).to(x.dtype)
         o = o * F.silu(self.ttt_scale_proj(x)).unsqueeze(-1)  # (B, T, Hf, d) * (B, T, Hf, 1)
         return self.o_proj(attn + o.reshape(B, T, D))  # (B, T, Hf, d) -> (B, T, D); shared o_proj
 

@@ -280,4 +280,4 @@ def test_bf16_inputs_accumulate_in_fp32():
     o, S = delta_rule_chunked(*lo, chunk_size=32, initial_state=S0.float())
     assert o.dtype == torch.bfloat16 and S.dtype == F32
     o_r, _ = delta_rule_recurrent(*lo, initial_state=S0.float())
-    assert rel(o.double(), o_ref) < 3 * rel(o_r.double(), o_ref) + 1e-3 and rel(S.double(), S_ref) < 5e-2
+    assert rel(o.double(), o_ref) < 3 * rel(o_r.double(), o_ref) + 1e-3 and rel(S.double(), S_ref) < 1e-2  # measured 3.5e-3

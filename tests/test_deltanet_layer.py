@@ -54,7 +54,7 @@ def test_layer_prefill_then_decode():
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 100])
 def test_layer_kernel_switch_agrees(T):
-    """Both sides of the recurrent/chunked switch agree (fp32 default dtype, default recurrent_below=64)."""
+    """Both sides of the recurrent/chunked switch agree (fp32; recurrent_below 0, 10**9 and the default 8)."""
     torch.manual_seed(0)
     x = torch.randn(2, T, 32)
     chunked = DeltaNet(32, 2, recurrent_below=0)
