@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, set_seed
+from refine_mini.common import CheckpointError, check_seed, fail, keep_freed_memory, pick_device, set_seed
 from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
                                   load_run, peak_memory, reset_peak_memory)
 from refine_mini.heatmap import render_heatmap, render_table, require_matplotlib, save_png, use_color
@@ -204,6 +204,17 @@ def default_out(runs, runs_root) -> Path:
     return (path if path.is_dir() else path.parent) / "eval_niah.json"
 
 
+def check_writable(path: Path) -> None:
+    """The results file can be written where asked (one-line error and exit 2 otherwise)."""
+    if path.is_dir():
+        fail(f"--out {path} is a folder; give a file name such as {path / 'eval_niah.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        fail(f"cannot write the results to {path}: {e.strerror or e}")
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -225,6 +236,7 @@ def main(argv=None) -> dict:
             fail(str(e))
     try:
         device = pick_device(args.device)
+        check_seed(args.seed)
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     if device.type == "cpu":
@@ -235,6 +247,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
     runs = resolve_runs(args, device)
+    out = Path(args.out) if args.out else default_out(runs, args.runs)
+    check_writable(out)  # before minutes of evaluation, not after
     plan, grid = make_plan(args, runs)
     print(f"evaluating {len(runs)} run(s) on {device}: {', '.join(grid['grid_tasks'])} at lengths {grid['lengths']} "
           f"x depths {grid['depths']}" + (f"; {', '.join(grid['point_tasks'])} at {grid['point'][0]} tokens, "
@@ -249,6 +263,8 @@ def main(argv=None) -> dict:
             records.append(record)
     except ValueError as e:  # a task generator that cannot build an example (e.g. entity pool exhausted)
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", code=130)
     meta = {"seed": args.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2),
             "argv": list(sys.argv[1:] if argv is None else argv), "memory_method": peak_memory(device)["method"],
@@ -256,7 +272,6 @@ def main(argv=None) -> dict:
             "protocol": "method.md §6, scaled down (see refine_mini/evaluate.py)"}
     results = {"meta": meta, "grid": grid, "runs": records, "cells": cells}
     report(results, use_color(args.no_color))
-    out = Path(args.out) if args.out else default_out(runs, args.runs)
     write_json_atomic(out, results)
     print(f"\nresults: {out}  ({len(cells)} cells, {results['meta']['seconds']} s)")
     if args.plot:

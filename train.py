@@ -9,11 +9,12 @@ step) and ckpt.pt (atomic). Bad input exits with status 2 and a one-line message
 """
 
 import argparse
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
+from refine_mini.common import CheckpointError, check_seed, fail, keep_freed_memory, pick_device, run_dir, set_seed
 from refine_mini.model import ModelConfig
 from refine_mini.trainer import TrainConfig, pretrain
 
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the model (auto: on for CUDA, off on CPU where compiling costs minutes)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run (without it, that is an error)")
     r = p.add_argument_group("REFINE (mid/post; defaults from method.md §2, see refine_mini/regimes.py)")
     r.add_argument("--objective", help="mid: refine | ntp; post: refine | nested-sft | sft (default refine)")
     r.add_argument("--c", type=int, help="chunks = rollout positions per sequence (8)")
@@ -64,34 +67,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+REFINE_ONLY = ("init", "objective", "c", "k", "n", "selection", "reward", "schedule", "minibatches", "lambda_rl")
+
+
+def check_args(args) -> None:
+    """Every flag checked before anything is read or written; ValueError names the first bad one."""
     if args.model not in MODELS:
-        fail(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     if args.regime not in REGIMES:
-        fail(f"unknown regime {args.regime!r}; choose one of {', '.join(REGIMES)}")
+        raise ValueError(f"unknown regime {args.regime!r}; choose one of {', '.join(REGIMES)}")
     for name in ("max_steps", "seq_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr is not None and not args.lr > 0:
-        fail(f"--lr must be > 0, got {args.lr}")
-    if args.answer_weight is not None and not args.answer_weight > 0:
-        fail(f"--answer-weight must be > 0, got {args.answer_weight}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, low in (("lr", "> 0"), ("answer_weight", "> 0"), ("lambda_rl", ">= 0")):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+            raise ValueError(f"--{name.replace('_', '-')} must be finite and {low}, got {value}")
+    if args.regime == "pretrain":
+        given = [name for name in REFINE_ONLY if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a mid/post flag; --regime pretrain does not use it")
+    elif args.answer_weight is not None:
+        raise ValueError("--answer-weight is a pretrain flag; mid and post use REFINE's own loss weights")
+    check_seed(args.seed)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out or f"runs/{args.model}-{args.regime}")
     try:
+        check_args(args)
         device = pick_device(args.device)
-    except (ValueError, RuntimeError) as e:
-        fail(str(e))
-    if device.type == "cpu":
-        keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
-    set_seed(args.seed)
-    out = run_dir(args.out or f"runs/{args.model}-{args.regime}")
-    try:
+        if args.resume and not (out / "ckpt.pt").is_file():
+            raise ValueError(f"--resume: {out} holds no checkpoint (ckpt.pt) to resume")
+        if not args.resume and not args.overwrite and (out / "ckpt.pt").exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start "
+                             f"again (or choose another --out)")
+        if device.type == "cpu":
+            keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
+        set_seed(args.seed)
+        run_dir(out)
         if args.regime == "pretrain":
             return run_pretrain(args, out, device)
         from refine_mini.regimes import run_regime  # the REFINE regimes (mid, post)
         return run_regime(args, out, device)
     except (ValueError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
+    except OSError as e:  # a disk that fills up, a folder that vanishes: the atomic save kept the last checkpoint
+        fail(f"{e.strerror or e}: {e.filename or out}; the last checkpoint in {out} is kept")
+    except KeyboardInterrupt:
+        fail(f"interrupted; the last checkpoint in {out} is kept (--resume continues from it)", code=130)
 
 
 def run_pretrain(args, out: Path, device) -> dict:

@@ -21,6 +21,7 @@ Bad input (missing or corrupted checkpoint, unknown task, bad sizes) prints one 
 """
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ import torch
 from refine_mini.common import CheckpointError, fail, keep_freed_memory, load_checkpoint, pick_device, set_seed
 from refine_mini.niah import TASKS, make_task_examples
 from refine_mini.posttrain import score_examples
-from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
+from refine_mini.regimes import checkpoint_seq_len, inner_update, ntp_step, refine_config, step_generator
 from refine_mini.trainer import make_optimizer, model_from_checkpoint
 
 METHODS = ("none", "sft-ttt", "refine-ttt")
@@ -109,14 +110,17 @@ def main(argv=None) -> dict:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if args.samples % args.batch_size:  # whole batches only, as the official loader (drop_last=True)
             raise ValueError(f"--samples ({args.samples}) must be a multiple of --batch-size ({args.batch_size})")
-        if not args.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {args.lr}")
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            raise ValueError(f"--lr must be finite and > 0, got {args.lr}")
+        if args.sft_steps > args.batch_size:
+            raise ValueError(f"--sft-steps ({args.sft_steps}) cannot exceed --batch-size ({args.batch_size}): "
+                             f"each step takes at least one prompt")
         device = pick_device(args.device)
         if device.type == "cpu":
             keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
         set_seed(args.seed)
         ckpt = load_checkpoint(args.ckpt)
-        length = args.length or int((ckpt.get("train_config") or {}).get("seq_len") or 512)
+        length = args.length or checkpoint_seq_len(ckpt)
         examples = make_task_examples(args.task, args.samples, length, None, args.seed, split="eval")
         cfg = TTTConfig(lr=args.lr, sft_steps=args.sft_steps)
         mixer = ckpt["model_config"].get("mixer")
@@ -131,6 +135,8 @@ def main(argv=None) -> dict:
             print(f"  {method:<11} score {results[method]['score']:5.1f}   optimizer steps {steps}")
     except (ValueError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", code=130)
     base = results["none"]["score"]
     print(f"refine-ttt vs none: {results['refine-ttt']['score'] - base:+.1f}   "
           f"vs sft-ttt: {results['refine-ttt']['score'] - results['sft-ttt']['score']:+.1f}")

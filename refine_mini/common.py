@@ -28,18 +28,35 @@ class CheckpointError(Exception):
     """A checkpoint is missing, corrupted, of the wrong model, or of an unknown format."""
 
 
+def check_seed(seed: int) -> int:
+    """The one seed must fit numpy's generator (0 <= seed < 2**32): a clear error instead of numpy's."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
+    return seed
+
+
 def set_seed(seed: int) -> None:
+    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto (CUDA when present), cpu, cuda or cuda:N; anything else is a ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} requested but CUDA is not available on this machine")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
@@ -109,14 +126,25 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
             torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode any other new file gets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed (SIGKILL) midway
+        stale.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint file (or a run folder holding `ckpt.pt`) safely; raise CheckpointError on any problem."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_location="cpu",
+                    for_resume: bool = False) -> dict:
+    """Load a checkpoint file (or a run folder holding `ckpt.pt`) safely; raise CheckpointError on any problem.
+    for_resume: it must also hold what resuming needs (optimizer, step, RNG states)."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -129,16 +157,43 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
                               f"({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a refine_mini checkpoint (format {CHECKPOINT_FORMAT})")
-    mixer = ckpt.get("model_config", {}).get("mixer")
+    if not isinstance(ckpt.get("model_config"), dict) or "mixer" not in ckpt["model_config"]:
+        raise CheckpointError(f"checkpoint {path} has no model_config naming its mixer")
+    missing = [key for key in (("optimizer", "step", "rng") if for_resume else ()) if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: it holds no {', '.join(missing)}")
+    mixer = ckpt["model_config"]["mixer"]
     if expect_mixer is not None and mixer != expect_mixer:
         raise CheckpointError(f"checkpoint {path} holds a {mixer} model, but --model {expect_mixer} was asked for")
     return ckpt
 
 
 def run_dir(out: str | Path) -> Path:
+    """Create the run folder (ValueError with the reason if it cannot be created or written)."""
     path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # writable?
+    except OSError as e:
+        raise ValueError(f"cannot write run folder {path}: {e.strerror or e}") from None
     return path
+
+
+def trim_log(path: str | Path, step: int) -> None:
+    """Drop the metric lines logged after `step` (a run killed after its last checkpoint), before resuming there."""
+    path = Path(path)
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line cut short by a kill: dropped
+        return float("inf")
 
 
 class MetricLog:

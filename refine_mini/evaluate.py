@@ -63,6 +63,8 @@ def load_run(path: str | Path, device) -> Run:
     ckpt = load_checkpoint(path, map_location="cpu")
     try:
         model = model_from_checkpoint(ckpt, device).eval()
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not match the model code "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None

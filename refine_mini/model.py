@@ -237,4 +237,6 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if not bool(torch.isfinite(probs).all()):
+        raise FloatingPointError("cannot sample from non-finite logits (NaN or inf weights or activations)")
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B, 1) -> (B,)

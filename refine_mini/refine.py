@@ -77,6 +77,8 @@ class RefineConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}: choose 'single' or 'minibatch'")
         if min(self.c, self.k, self.n, self.minibatches) < 1:
             raise ValueError("c, k, n and minibatches must all be >= 1")
+        if not (0 <= self.lambda_ntp < float("inf") and 0 <= self.lambda_rl < float("inf")):
+            raise ValueError(f"lambda_ntp and lambda_rl must be finite and >= 0, got {self.lambda_ntp}, {self.lambda_rl}")
 
 
 def as_documents(tokens) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from refine_mini.common import MetricLog, load_checkpoint, make_generator, set_rng_state
+from refine_mini.common import CheckpointError, MetricLog, load_checkpoint, make_generator, set_rng_state, trim_log
 from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run,
                                  validation_metrics)
 
@@ -182,15 +182,25 @@ def base_checkpoint(args, device) -> Path:
     return base
 
 
+def checkpoint_seq_len(ckpt: dict) -> int:
+    """The sequence length a checkpoint was trained at (512 when it does not say)."""
+    value = (ckpt.get("train_config") or {}).get("seq_len") or 512
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"the checkpoint's train_config.seq_len is not a length: {value!r}") from None
+
+
 class Run:
     """Model + optimizer + log + checkpointing of one regime run (start, resume, per-step logging, save)."""
 
     def __init__(self, args, cfg: RegimeConfig, out: Path, device):
         self.cfg, self.out, self.device = cfg, out, device
         resume = getattr(args, "resume", False) and (out / "ckpt.pt").exists()
-        ckpt = load_checkpoint(out if resume else base_checkpoint(args, device), expect_mixer=args.model)
+        ckpt = load_checkpoint(out if resume else base_checkpoint(args, device), expect_mixer=args.model,
+                               for_resume=resume)
         if not cfg.seq_len:
-            cfg.seq_len = int((ckpt.get("train_config") or {}).get("seq_len") or 512)
+            cfg.seq_len = checkpoint_seq_len(ckpt)
         self.model = model_from_checkpoint(ckpt, device).train()
         self.optimizer = make_optimizer(self.model, cfg)  # AdamW (β1, β2), decay on matrices, constant LR
         self.rcfg = refine_config(dict(cfg.refine))
@@ -203,12 +213,19 @@ class Run:
             print(f"resuming {out} at step {self.step} ({self.opt_steps} optimizer steps)")
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr  # constant schedule (method.md §2), also after loading a pre-training optimizer
+        self.resume, self.init, self.log = resume, getattr(args, "init", None) or f"runs/{args.model}-pretrain", None
+
+    def start(self) -> None:
+        """Write config.json and open metrics.jsonl: called once the caller has checked its own inputs too, so a
+        run that fails on bad input leaves an existing run folder as it was."""
+        cfg, resume, out = self.cfg, self.resume, self.out
         resolved = {"regime": cfg.regime, "model": asdict(self.model.cfg), "run": asdict(cfg),
-                    "refine": asdict(self.rcfg), "init": None if resume else str(getattr(args, "init", None) or
-                                                                                  f"runs/{args.model}-pretrain"),
+                    "refine": asdict(self.rcfg), "init": None if resume else str(self.init),
                     "refine_steps_per_batch": steps_per_batch(self.rcfg, cfg.batch_size)}
         print("config: " + json.dumps(resolved))
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
+        if resume:
+            trim_log(out / "metrics.jsonl", self.step)  # lines a killed run logged after its last checkpoint
         self.log = MetricLog(out / "metrics.jsonl", append=resume)
 
     def record(self, phase: str, metrics: dict) -> None:
@@ -229,7 +246,8 @@ class Run:
                  self.cfg.regime, opt_steps=self.opt_steps, objective=self.cfg.objective, extra=self.extra)
 
     def close(self) -> None:
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def run_regime(args, out: Path, device) -> dict:
@@ -248,6 +266,7 @@ def run_mid(args, cfg: RegimeConfig, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
     run = Run(args, cfg, out, device)
     corpus = make_corpus(getattr(args, "data", None), cfg.seq_len, seed=cfg.seed)  # documents of >= T tokens
+    run.start()  # only now, with every input checked, is anything in `out` written
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.val_batches]]  # fixed val-split rows
 
     def validate() -> dict:  # the same sampling seed every time, so successive values differ only by the weights

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from refine_mini.common import MetricLog, load_checkpoint, rng_state, run_dir, save_checkpoint, set_rng_state
+from refine_mini.common import (CheckpointError, MetricLog, load_checkpoint, rng_state, run_dir, save_checkpoint,
+                                set_rng_state, trim_log)
 from refine_mini.model import FastWeightLM, ModelConfig
 from refine_mini.tokenizer import encode
 
@@ -115,24 +116,44 @@ def answer_weighted_loss(nll: torch.Tensor, tokens: torch.Tensor, answer_weight:
 
 
 def clip_and_step(model, optimizer, grad_clip: float) -> float:
-    """Clip the global grad norm, then step -- unless the norm is not finite, in which case skip the step."""
+    """Clip the global grad norm, then step -- unless the norm is not finite, in which case skip the step.
+    Weights that the step made non-finite (a learning rate far too large) raise FloatingPointError at once."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if torch.isfinite(grad_norm):
         optimizer.step()
+        if not weights_finite(model.state_dict()):
+            raise FloatingPointError("an optimizer step made the weights non-finite (is the learning rate too "
+                                     "large?); stopping, so the last good checkpoint is kept")
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
 
 
+def weights_finite(state_dict: dict) -> bool:
+    tensors = [t for t in state_dict.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
 def save_run(out: Path, model, optimizer, step: int, model_cfg: ModelConfig, train_cfg, regime: str, **extra):
+    """Atomic checkpoint of a run; never of non-finite weights (the previous checkpoint is kept instead)."""
+    if not weights_finite(model.state_dict()):
+        raise FloatingPointError(f"non-finite weights at step {step}: not saved; the last good checkpoint in {out} "
+                                 f"is kept")
     save_checkpoint(out / "ckpt.pt", {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state(),
         "model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "regime": regime, **extra})
 
 
 def model_from_checkpoint(ckpt: dict, device) -> FastWeightLM:
-    model = FastWeightLM(ModelConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model
+    """The model a checkpoint (from common.load_checkpoint) holds; CheckpointError if its config or weights are bad."""
+    try:
+        model = FastWeightLM(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown config fields, shapes or keys that do not match
+        raise CheckpointError(f"the checkpoint's weights do not fit its model config "
+                              f"({str(e).splitlines()[0][:120]})") from None
+    if not weights_finite(ckpt["model"]):
+        raise CheckpointError("the checkpoint holds non-finite (NaN or inf) weights")
+    return model.to(device)
 
 
 @torch.no_grad()
@@ -155,6 +176,8 @@ def validation_metrics(model, batches: list[torch.Tensor], generator: torch.Gene
         targets = tokens[:, 1:]  # (B, T-1)
         nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         probs = logits.softmax(-1).flatten(0, 1)  # (B·(T-1), V)
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError("non-finite validation logits; stopping, so the last good checkpoint is kept")
         sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)  # (B, T-1)
         hits += (sampled == targets).sum().item()
         count += targets.numel()
@@ -170,11 +193,12 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     optimizer = make_optimizer(model, cfg)
     start = 0
     if resume and (out / "ckpt.pt").exists():
-        ckpt = load_checkpoint(out, expect_mixer=model_cfg.mixer)
+        ckpt = load_checkpoint(out, expect_mixer=model_cfg.mixer, for_resume=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
+        trim_log(out / "metrics.jsonl", start)  # lines a killed run logged after its last checkpoint
         print(f"resuming {out} at step {start}")
     (out / "config.json").write_text(json.dumps({"regime": "pretrain", "model": asdict(model_cfg),
                                                   "train": asdict(cfg)}, indent=2))

@@ -143,7 +143,14 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     (["--model", "mamba"], "unknown model"),
     (["--model", "deltanet", "--regime", "pre"], "unknown regime"),
     (["--model", "deltanet", "--max-steps", "0"], "--max-steps must be >= 1"),
-    (["--model", "deltanet", "--answer-weight", "0"], "--answer-weight must be > 0"),
+    (["--model", "deltanet", "--answer-weight", "0"], "--answer-weight must be finite and > 0"),
+    (["--model", "deltanet", "--lr", "inf"], "--lr must be finite"),
+    (["--model", "deltanet", "--regime", "mid", "--lambda-rl", "-1"], "--lambda-rl must be finite and >= 0"),
+    (["--model", "deltanet", "--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--model", "deltanet", "--device", "mps"], "unknown --device 'mps'"),
+    (["--model", "deltanet", "--init", "x.pt"], "--init is a mid/post flag"),
+    (["--model", "deltanet", "--regime", "mid", "--answer-weight", "5"], "--answer-weight is a pretrain flag"),
+    (["--model", "deltanet", "--resume"], "holds no checkpoint (ckpt.pt) to resume"),
 ])
 def test_cli_rejects_bad_arguments_with_status_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

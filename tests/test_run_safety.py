@@ -1,0 +1,112 @@
+"""A run never loses what it already wrote: no non-finite checkpoint, no run folder clobbered by a run that fails on
+bad input, no duplicate metric lines after a resume, no stale temp files (common.py, trainer.py, train.py)."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import train
+import tta
+from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint, trim_log
+from refine_mini.model import FastWeightLM
+from refine_mini.trainer import make_optimizer, model_from_checkpoint, pretrain, save_run
+from tests.test_regimes import LENGTH, tiny_ckpt  # noqa: F401 (a fixture)
+from tests.test_train import KillingCorpus, Killed, RandomCorpus, short_run, tiny_cfg
+
+
+def test_a_step_that_makes_the_weights_non_finite_stops_the_run_before_it_saves(tmp_path):
+    """The last step before a checkpoint blows the weights up (lr = inf); the loss of that step was still finite."""
+    cfg = short_run()
+    pretrain(tiny_cfg(), dataclasses.replace(cfg, max_steps=3), RandomCorpus(), tmp_path, "cpu")
+    good = load_checkpoint(tmp_path)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        pretrain(tiny_cfg(), dataclasses.replace(cfg, max_steps=4, lr=float("inf")), RandomCorpus(), tmp_path,
+                 "cpu", resume=True)
+    kept = load_checkpoint(tmp_path)
+    assert kept["step"] == 3 and all(torch.equal(v, kept["model"][k]) for k, v in good["model"].items())
+    model = model_from_checkpoint(good, "cpu")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not saved"):
+        save_run(tmp_path, model, make_optimizer(model, cfg), 4, model.cfg, cfg, "pretrain")
+    assert load_checkpoint(tmp_path)["step"] == 3
+
+
+def test_checkpoints_with_bad_weights_or_config_are_one_line_errors(tmp_path):
+    model = FastWeightLM(tiny_cfg())
+    cfg = dataclasses.asdict(model.cfg)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    next(iter(weights.values())).view(-1)[0] = float("inf")
+    cases = {"non-finite": {"model": weights, "model_config": cfg},
+             "do not fit": {"model": model.state_dict(), "model_config": {**cfg, "d_model": 48}},
+             "do not fit ": {"model": model.state_dict(), "model_config": {**cfg, "no_such_field": 1}}}
+    for message, payload in cases.items():
+        save_checkpoint(tmp_path / "c.pt", payload)
+        with pytest.raises(CheckpointError, match=message.strip()):
+            model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"), "cpu")
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "model_config": "deltanet"})
+    with pytest.raises(CheckpointError, match="no model_config"):
+        load_checkpoint(tmp_path / "c.pt")
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "model_config": cfg})
+    with pytest.raises(CheckpointError, match="cannot be resumed: it holds no optimizer, step, rng"):
+        load_checkpoint(tmp_path / "c.pt", for_resume=True)
+
+
+def fake_run_folder(path):
+    path.mkdir(parents=True)
+    files = {"ckpt.pt": b"old checkpoint", "config.json": b'{"old": 1}', "metrics.jsonl": b'{"step": 1}\n'}
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return files
+
+
+def test_a_fresh_run_into_a_run_folder_is_refused_and_leaves_it_untouched(tmp_path, capsys):
+    files = fake_run_folder(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", "deltanet", "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    assert e.value.code == 2 and "already holds a run; pass --resume" in capsys.readouterr().err
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
+
+
+def test_a_run_that_fails_on_its_inputs_writes_nothing_even_with_overwrite(tmp_path, tiny_ckpt, capsys):  # noqa: F811
+    """mid with an empty corpus, post with a length a training task cannot fit: both checked before any write."""
+    (tmp_path / "empty.txt").write_text("")
+    for regime, extra, message in (("mid", ["--data", str(tmp_path / "empty.txt")], "empty"),
+                                   ("post", ["--seq-len", "100"], "does not fit task")):
+        files = fake_run_folder(tmp_path / regime)
+        with pytest.raises(SystemExit) as e:
+            train.main(["--model", "deltanet", "--regime", regime, "--init", str(tiny_ckpt), "--overwrite",
+                        "--out", str(tmp_path / regime), *extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err.lower()
+        assert {name: (tmp_path / regime / name).read_bytes() for name in files} == files
+
+
+def test_resume_drops_the_lines_logged_after_the_checkpoint(tmp_path):
+    cfg = short_run()
+    with pytest.raises(Killed):  # killed during step 5: lines for steps 1-4 logged, checkpoint at step 3
+        pretrain(tiny_cfg(), cfg, KillingCorpus(at=4), tmp_path, "cpu")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by the kill
+    pretrain(tiny_cfg(), cfg, RandomCorpus(), tmp_path, "cpu", resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    trim_log(tmp_path / "metrics.jsonl", 2)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_checkpoint_gets_the_usual_file_mode_and_stale_temp_files_go(tmp_path):
+    stale = tmp_path / ".ckpt.pt.abc123.tmp"  # what a save killed by SIGKILL leaves behind
+    stale.write_bytes(b"")
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": {}})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert not stale.exists() and (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_tta_refuses_more_sft_steps_than_prompts(tiny_ckpt, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as e:
+        tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2", "--batch-size", "2",
+                  "--sft-steps", "3", "--length", str(LENGTH)])
+    assert e.value.code == 2 and "cannot exceed --batch-size" in capsys.readouterr().err
