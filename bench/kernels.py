@@ -123,8 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--glibc-default", action="store_true",
                     help="leave malloc as it is (default: keep freed memory, as train.py does on CPU)")
     args = ap.parse_args(argv)
-    if args.chunk < 1:
-        print("error: --chunk must be >= 1", file=sys.stderr)
+    if args.chunk < 1 or args.repeats < 1 or args.alt_chunk < 0:
+        print(f"error: --chunk and --repeats must be >= 1 and --alt-chunk >= 0, got {args.chunk}, {args.repeats}, "
+              f"{args.alt_chunk}", file=sys.stderr)
         return 2
     B, H, D, C = 2, 4, 64, args.chunk
     lengths = [128, 256] if args.quick else [512, 2048]

@@ -107,6 +107,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seq_len, args.reps = 256, 1
+    bad = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+           for name in ("seq_len", "batch", "c", "k", "reps") if getattr(args, name) < 1]
+    bad += [f"--threads must be >= 0, got {args.threads}"] if args.threads < 0 else []
+    bad += [f"unknown mixer {m!r} in --mixers; use deltanet, lact" for m in args.mixers.split(",")
+            if m not in ("deltanet", "lact")]
+    bad += [f"--seq-len {args.seq_len} leaves no room for --c {args.c} chunks with a {args.k}-token rollout each"]\
+        if args.seq_len < args.c * (args.k + 2) else []
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -115,10 +125,14 @@ def main(argv=None) -> int:
           f"malloc {'keeps freed memory (as train.py)' if kept else 'as the C library does by default'}")
     if args.quick:
         print("quick smoke run: the targets are set for T=2048; at small T per-call overheads dominate")
-    for device in devices:
-        for mixer in args.mixers.split(","):
-            for line in bench_one(mixer, device, args):
-                print(line, flush=True)
+    try:
+        for device in devices:
+            for mixer in args.mixers.split(","):
+                for line in bench_one(mixer, device, args):
+                    print(line, flush=True)
+    except ValueError as e:  # a combination of flags the REFINE step cannot take
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

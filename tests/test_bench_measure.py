@@ -1,6 +1,9 @@
-"""bench/measure.py's CPU peak-memory probe reports the high-water mark of the tensors a call holds."""
+"""bench/measure.py's CPU peak-memory probe reports the high-water mark of the tensors a call holds; the bench
+scripts refuse bad flags in one line."""
+import importlib
 import os
 
+import pytest
 import torch
 
 from bench.measure import cpu_peak_bytes
@@ -25,3 +28,13 @@ def test_cpu_peak_bytes_keeps_the_profilers_lines_off_stderr_and_restores_it(cap
     os.write(2, b"after\n")                                             # file descriptor 2 works again
     err = capfd.readouterr().err
     assert err == "after\n"                                             # no 'USDT ... profiler_start' lines
+
+
+@pytest.mark.parametrize("script, argv", [("kernels", ["--repeats", "0"]), ("kernels", ["--chunk", "0"]),
+                                          ("refine_step", ["--batch", "0"]), ("refine_step", ["--mixers", "rnn"]),
+                                          ("refine_step", ["--seq-len", "20"])])
+def test_bench_scripts_refuse_bad_flags_in_one_line(script, argv, capsys):
+    main = importlib.import_module(f"bench.{script}").main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
