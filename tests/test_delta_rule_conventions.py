@@ -3,7 +3,9 @@
 test_deltanet.py proves chunked == recurrent; this file proves the recurrence is the one specified: the update
 h_t = h_{t-1} + k_t (beta_t (v_t - h_{t-1}^T k_t))^T, the read o_t = scale · h_t^T q_t AFTER writing token t, the
 default scale Dk^-1/2, beta anywhere in (0, 2) (fla's allow_neg_eigval range), and a fixed grid of (T, C) pairs the
-derandomised CI draws might not reach (C = 2, C = 64 with T > 64, C = T ± 1).
+derandomised CI draws might not reach (C = 2, C = 64 with T > 64, C = T ± 1). Then the exact special cases of
+fast-weights.md §5: zero keys write nothing, orthonormal keys with beta = 1 are recalled exactly, outputs are linear
+in (v, S0) jointly and in the scale, rows and heads are independent, and every transition is non-expansive.
 """
 import pytest
 import torch
@@ -52,3 +54,54 @@ def test_fixed_grid_of_lengths_and_chunks(T, C):
     o, S = delta_rule_chunked(q, k, v, beta, chunk_size=C, initial_state=S0)
     o_ref, S_ref = delta_rule_recurrent(q, k, v, beta, initial_state=S0)
     assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
+
+
+# ------------------------------------------------- exact special cases of fast-weights.md §5 (invariants 6, 8, 9)
+def test_zero_keys_are_no_ops_and_orthonormal_keys_are_recalled_exactly():
+    q, k, v, beta, S0 = inputs(1, 2, 12, 16, 5, seed=6)
+    gaps = [2, 3, 7, 11]
+    k0 = k.clone()
+    k0[:, :, gaps] = 0  # these tokens write nothing
+    keep = [t for t in range(12) if t not in gaps]
+    _, S_gaps = delta_rule_chunked(q, k0, v, beta, chunk_size=4, initial_state=S0)
+    _, S_kept = delta_rule_chunked(q[:, :, keep], k[:, :, keep], v[:, :, keep], beta[:, :, keep], chunk_size=4,
+                                   initial_state=S0)
+    assert rel(S_gaps, S_kept) < 1e-12
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=F64))[0]
+    keys = basis[:12].expand(1, 2, 12, 16)  # 12 orthonormal keys; beta = 1 overwrites what each key reads
+    _, S = delta_rule_chunked(q, keys, v, torch.ones_like(beta), chunk_size=5, initial_state=S0)
+    recalled = torch.einsum("bhtk,bhkv->bhtv", keys, S)  # h^T k_i for every key: (1, 2, 12, Dv)
+    assert rel(recalled, v) < 1e-12
+
+
+def test_outputs_are_linear_in_values_and_state_jointly_and_in_the_scale():
+    q, k, v1, beta, S1 = inputs(2, 2, 19, 6, 4, seed=7)
+    _, _, v2, _, S2 = inputs(2, 2, 19, 6, 4, seed=8)
+    run = lambda v, S, scale=None: delta_rule_chunked(q, k, v, beta, chunk_size=8, scale=scale, initial_state=S)
+    (o1, h1), (o2, h2) = run(v1, S1), run(v2, S2)
+    o12, h12 = run(2 * v1 - 3 * v2, 2 * S1 - 3 * S2)
+    assert rel(o12, 2 * o1 - 3 * o2) < 1e-12 and rel(h12, 2 * h1 - 3 * h2) < 1e-12
+    assert rel(run(v1, S1, scale=0.3)[0], 0.3 * run(v1, S1, scale=1.0)[0]) < 1e-14
+
+
+def test_rows_and_heads_are_independent():
+    q, k, v, beta, S0 = inputs(3, 2, 21, 5, 6, seed=9)
+    o, S = delta_rule_chunked(q, k, v, beta, chunk_size=8, initial_state=S0)
+    for b in range(3):
+        for h in range(2):
+            sl = (slice(b, b + 1), slice(h, h + 1))
+            o_bh, S_bh = delta_rule_chunked(q[sl], k[sl], v[sl], beta[sl], chunk_size=8, initial_state=S0[sl])
+            assert rel(o_bh, o[sl]) < 1e-13 and rel(S_bh, S[sl]) < 1e-13
+
+
+@pytest.mark.parametrize("beta_max", [1.0, 2.0])
+def test_with_unit_keys_every_transition_is_non_expansive(beta_max):
+    """I - beta k k^T has spectral norm <= 1 for ||k|| = 1, beta in [0, 2]: with v = 0 no column of S grows."""
+    q, k, v, _, S0 = inputs(1, 1, 40, 6, 3, seed=10)
+    beta = torch.rand(1, 1, 40, generator=torch.Generator().manual_seed(1), dtype=F64) * beta_max
+    norms = [S0.norm(dim=-2)]
+    for C in range(1, 41):  # the state after every prefix: chunk C of a C-token prefix
+        norms.append(delta_rule_chunked(q[:, :, :C], k[:, :, :C], 0 * v[:, :, :C], beta[:, :, :C], chunk_size=7,
+                                        initial_state=S0)[1].norm(dim=-2))  # (1, 1, Dv) column norms
+    assert all(bool((b <= a * (1 + 1e-12)).all()) for a, b in zip(norms, norms[1:]))
+    assert bool((norms[-1] < 0.9 * norms[0]).all())  # and the state really decays

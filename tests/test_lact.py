@@ -138,6 +138,21 @@ def test_momentum_zero_equals_no_momentum():
     assert rel(o_c, o_b) > 1e-6  # momentum actually does something
 
 
+def test_zero_learning_rates_keep_the_initial_weights():
+    """eta = 0: every update is zero, so the output is f_{W_init}(q) up to the row-norm eps (1e-5) per chunk."""
+    q, k, v, eta, m, ws = make_op_inputs(2, 2, 17, 4, 8, seed=5)
+    o, _ = run_chunked(q, k, v, torch.zeros_like(eta), m, ws, 4)
+    assert rel(o, swiglu_fw(*ws, q)) < 1e-4
+    assert rel(run_chunked(q, k, v, eta, m, ws, 4)[0], swiglu_fw(*ws, q)) > 1e-3  # eta != 0 does move them
+
+
+def test_newton_schulz5_on_low_rank_input_lifts_only_the_non_zero_directions():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 24, generator=g, dtype=torch.float64)
+    sv = torch.linalg.svdvals(newton_schulz5(x))  # rank 3
+    assert bool(((sv[:3] > 0.97) & (sv[:3] < 1.04)).all()) and sv[3:].max() < 1e-6
+
+
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (3, 16, 48), (48, 16)])
 def test_newton_schulz5(shape):
     """NS5 keeps the shape; non-zero singular values of a rectangular input land in [0.97, 1.04]."""
