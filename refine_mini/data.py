@@ -212,7 +212,8 @@ def split_documents(docs: list[str], seed: int, val_fraction: float) -> tuple[li
         val = [len(docs) - 1]
     if len(val) == len(docs):
         val = val[1:]
-    train = [i for i in range(len(docs)) if i not in set(val)]
+    in_val = set(val)
+    train = [i for i in range(len(docs)) if i not in in_val]
     return train, val
 
 

@@ -98,14 +98,14 @@ def greedy_decode(model, prompts: torch.Tensor, max_new_tokens: int, prefill_tok
 
     Prefill: the first T-1 tokens in segments of max(1, prefill_tokens // B) positions, each carrying the state of
     the previous one; then `generate` takes the last prompt token with that state and decodes greedily (temperature 0),
-    stopping once every row has produced a newline token. The prompt is encoded exactly once.
+    stopping once every row has produced a newline or end-of-text token. The prompt is encoded exactly once.
     """
     state, seg, end = None, max(1, prefill_tokens // prompts.shape[0]), prompts.shape[1] - 1
     for start in range(0, end, seg):
         _, _, state = model(prompts[:, start:min(start + seg, end)], state)  # (B, seg) -> logits (B, seg, V), state
     prefill_bytes = state_bytes(state) if state is not None else 0
     new, _ = model.generate(prompts[:, -1:], max_new_tokens, temperature=0.0, state=state,
-                            stop_token=newline_id())  # (B, 1) + carried state -> (B, N)
+                            stop_tokens=(newline_id(), tokenizer.eot_id()))  # (B, 1) + carried state -> (B, N)
     return new, prefill_bytes // prompts.shape[0]
 
 
@@ -114,7 +114,7 @@ def greedy_outputs(model, examples, device, prefill_tokens: int = 4096, max_batc
     """Greedy, uncut outputs (they may run past the newline: the batch stops when every row has one) for a list of
     Examples, and the set of per-row state sizes seen. Prompts of equal length are decoded together, `max_batch`
     at a time."""
-    outputs, bytes_seen, by_len = [""] * len(examples), set(), {}
+    outputs, bytes_seen, by_len, eot = [""] * len(examples), set(), {}, tokenizer.eot_id()
     for i, ex in enumerate(examples):
         by_len.setdefault(len(ex.prompt_ids), []).append(i)
     batches = [idx[j:j + max_batch] for idx in by_len.values() for j in range(0, len(idx), max_batch)]
@@ -124,7 +124,8 @@ def greedy_outputs(model, examples, device, prefill_tokens: int = 4096, max_batc
         new, nbytes = greedy_decode(model, prompts, budget, prefill_tokens)  # (B, N)
         bytes_seen.add(nbytes)
         for i, row in zip(idx, new):
-            outputs[i] = tokenizer.decode(row.tolist())
+            ids = row.tolist()
+            outputs[i] = tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)  # EOS ends the answer
     return outputs, bytes_seen
 
 

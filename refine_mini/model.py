@@ -210,12 +210,12 @@ class FastWeightLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None, state: ModelState | None = None,
-                 stop_token: int | None = None):
+                 stop_tokens: tuple[int, ...] = ()):
         """Prefill `prompt` (B, T) once, then decode token by token from the carried state.
 
         Never re-encodes the prefix: each step feeds one token and the state. temperature 0 is greedy.
-        With `stop_token`, decoding ends early once every row has emitted it (later tokens of finished rows
-        are still produced but callers cut at the stop token). Returns (new tokens (B, N), final ModelState).
+        Decoding ends early once every row has emitted one of `stop_tokens` (later tokens of finished rows are
+        still produced, and callers cut at the first stop token). Returns (new tokens (B, N), final ModelState).
         """
         logits, _, state = self(prompt, state)
         out = []
@@ -223,8 +223,8 @@ class FastWeightLM(nn.Module):
         for step in range(max_new_tokens):
             next_token = sample_token(logits[:, -1], temperature, generator)  # (B,)
             out.append(next_token)
-            if stop_token is not None:
-                finished |= next_token == stop_token
+            if stop_tokens:
+                finished |= torch.isin(next_token, torch.tensor(stop_tokens, device=next_token.device))
                 if bool(finished.all()):
                     break
             if step + 1 < max_new_tokens:

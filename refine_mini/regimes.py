@@ -265,9 +265,12 @@ def run_mid(args, cfg: RegimeConfig, out: Path, device) -> dict:
 
     from refine_mini.data import make_corpus
     run = Run(args, cfg, out, device)
-    corpus = make_corpus(getattr(args, "data", None), cfg.seq_len, seed=cfg.seed)  # documents of >= T tokens
+    # user documents of >= T tokens, each truncated to its first T (method.md §3, §9), never packed together
+    corpus = make_corpus(getattr(args, "data", None), cfg.seq_len, seed=cfg.seed, mode="filter")
     run.start()  # only now, with every input checked, is anything in `out` written
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.val_batches]]  # fixed val-split rows
+    if not val:
+        print(f"note: no validation document of >= {cfg.seq_len} tokens; mid-training runs without validation")
 
     def validate() -> dict:  # the same sampling seed every time, so successive values differ only by the weights
         return validation_metrics(run.model, val, step_generator(cfg.seed, 0, 2, device)) if val else {}

@@ -181,6 +181,27 @@ def test_scores_are_taken_after_cutting_at_the_first_newline(monkeypatch):
     assert evaluate.first_line("  a b \nc") == "a b" and evaluate.first_line("") == ""
 
 
+def test_decoding_stops_at_end_of_text_and_the_answer_ends_there(monkeypatch):
+    """A model that emits EOS stops at once, and nothing after an EOS is scored (method.md §6: stop at EOS)."""
+    model = tiny_model()
+    eot = tokenizer.eot_id()
+
+    def always_eos(hidden):  # (..., D) -> logits (..., V) with EOS on top
+        logits = torch.zeros(*hidden.shape[:-1], model.cfg.vocab_size)
+        logits[..., eot] = 1.0
+        return logits
+
+    monkeypatch.setattr(model, "head", always_eos)
+    new, _ = evaluate.greedy_decode(model, torch.randint(0, 8000, (2, 20)), 12)
+    assert new.tolist() == [[eot], [eot]]
+    examples = niah.make_task_examples("s_niah", 1, 96, 0.5, seed=0, split="eval")
+    gold = examples[0].answers[0]
+    monkeypatch.setattr(evaluate, "greedy_decode", lambda model, prompts, n, prefill_tokens=4096: (
+        torch.tensor([tokenizer.encode(" no") + [eot] + tokenizer.encode(f" {gold}\n")]), 0))
+    outputs, _ = evaluate.greedy_outputs(None, examples, "cpu")
+    assert outputs == [" no"]  # the gold value after EOS is gone
+
+
 def test_plot_without_matplotlib_stops_before_evaluating_with_an_install_hint(tmp_path, capsys, monkeypatch):
     """--plot needs the optional matplotlib; without it: one line naming `pip install matplotlib`, status 2."""
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # makes `import matplotlib` fail

@@ -44,10 +44,10 @@ def small_defaults(monkeypatch):
     monkeypatch.setattr(regimes, "defaults", small)
 
 
-def run_cli(tmp_path, regime, objective, init, steps=2):
+def run_cli(tmp_path, regime, objective, init, steps=2, extra=()):
     out = tmp_path / f"{regime}-{objective}"
     train.main(["--model", "deltanet", "--regime", regime, "--objective", objective, "--init", str(init),
-                "--out", str(out), "--seq-len", str(LENGTH), "--max-steps", str(steps)])
+                "--out", str(out), "--seq-len", str(LENGTH), "--max-steps", str(steps), *extra])
     return [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -134,6 +134,22 @@ def test_tta_reset_restores_weights_and_cumulative_carries_them(tiny_ckpt):
     assert steps == 2 and all(same(state) for state in reset)
     carried, steps = ttt_weights_before_each_batch(ckpt, "refine-ttt", "cumulative", cfg)
     assert steps == 4 and same(carried[0]) and not same(carried[1])
+
+
+def test_mid_training_on_user_data_keeps_whole_long_documents(tmp_path, tiny_ckpt, small_defaults, monkeypatch):
+    """--data in mid: documents of >= T tokens truncated to T (method.md §3), never short ones packed together."""
+    from refine_mini.tokenizer import encode
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = [" ".join(words[(i + j) % 10] for j in range(n)) for i, n in enumerate([400, 30, 500, 20, 450, 25] * 4)]
+    (tmp_path / "docs.txt").write_text("\n\n\n".join(docs))
+    seen = []
+    real = regimes.inner_update
+    monkeypatch.setattr(regimes, "inner_update", lambda model, opt, tokens, *a: seen.append(tokens) or
+                        real(model, opt, tokens, *a))
+    run_cli(tmp_path, "mid", "refine", tiny_ckpt, steps=2, extra=["--data", str(tmp_path / "docs.txt")])
+    long_prefixes = {tuple(encode(d)[:LENGTH]) for d in docs if len(encode(d)) >= LENGTH}
+    rows = [tuple(row) for batch in seen for row in batch.tolist()]
+    assert rows and all(row in long_prefixes for row in rows)
 
 
 def test_training_batches_never_contain_eval_split_items():
