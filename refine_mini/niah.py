@@ -23,8 +23,11 @@ all asked; mq_niah 4 keys, all asked. The first needle sits at the requested dep
 depths. Haystacks: "noise" (RULER's five repeated sentences) and "essay" (our generated prose instead of Paul Graham
 essays). Metric (RULER string_match_all): the output is cut at its first newline, and recall is the fraction of gold
 values that occur in it, case-insensitively.
-Deviations: our tokenizer, our shorter question/answer cue (see textgen.py), keys "adj-noun" from our word lists, and
-keys/values partitioned by split (train/val/eval never share one; textgen.py explains the rule).
+Deviations: our tokenizer, our shorter question/answer cue (see textgen.py), the needle "The special magic number for
+{key} is: {value}." (RULER: "One of the special magic numbers for {key} is: {value}."), keys "adj-noun" from our word
+lists, and keys/values partitioned by split (train/val/eval never share one; textgen.py explains the rule). RULER's
+MK/MV/MQ variants use essay haystacks; eval_niah.py's default grid runs every task on "noise" (`--haystack essay`
+or `--full` adds essays).
 """
 
 import random

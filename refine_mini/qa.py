@@ -26,12 +26,20 @@ target " Corhaven\\n". Two-hop ("qa_2hop"): "Where was the founder of <Company> 
 founder) and that founder's person passage; both are gold passages (needle_token_pos has two entries).
 
 Exact length: the gold passages plus as many distractor passages (other people, other companies, all from the same
-split) as fit; the r < one passage tokens still missing are prose filler (tail fragment of a sentence, then whole
-sentences) appended after the last passage. The first gold passage sits at passage index round(depth × #distractors);
+split) as fit; the tokens still missing (fewer than one passage, until the split's people run out at long lengths)
+are prose filler (tail fragment of a sentence, then whole sentences) appended after the last passage. The first gold passage sits at passage index round(depth × #distractors);
 the second (two-hop) at a random index. Score (ReFINE/RULER QA): the output before its first newline, stripped; 1 if
 any gold answer is a case-insensitive substring of it, else 0.
 Deviations: synthetic entities and templated passages instead of SQuAD/HotpotQA paragraphs; our tokenizer; entities
 (people, cities, companies) are partitioned by split (textgen.py), so eval answers never occur in training text.
+Known wart, measured and left: when the filler's tail fragment starts with punctuation (e.g. "." after a passage's
+final "."), the ids are not the ones encode() would give for the same text (19 of 150 qa and 11 of 150 qa_2hop
+prompts at 512 tokens; re-encoded, such a text is one token shorter). The prompt still has exactly `length` ids and
+decodes to the intended text. Choosing another cut would change the synthetic pre-training corpus (which embeds
+these prompts as text), and with it every figure in the README, so it waits for the next re-measurement.
+Eval-split city names that are substrings of others (Elfield in Belfield, textgen.py) can score a wrong city as
+right under the substring rule; the same holds for the official metric on real data, and it is left for the same
+reason.
 """
 
 import random
