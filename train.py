@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl with a 'text' field "
                                   "(default: the built-in synthetic long-document corpus)")
     p.add_argument("--init", help="checkpoint or run folder to start from (mid/post; default: the pretrain run)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (pretrain default: deltanet 400, lact 250)")
+    p.add_argument("--max-steps", type=int, help="pretrain: optimizer steps (default deltanet 400, lact 250); mid/post: batches")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, help="sequences per batch")
     p.add_argument("--lr", type=float, help="peak learning rate")

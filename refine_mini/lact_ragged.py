@@ -13,7 +13,7 @@ repeat_interleave work on it like on any state:
 `ragged_forward` reads tokens one at a time (rollouts feed k <= a few tokens), exactly as the streaming layer would
 for each row alone: attend over the valid window, apply the fast weights, append to the buffer, and for the rows
 whose buffer is now full take the fast-weight update (computed for all rows, kept by torch.where where full).
-Equality with per-row streaming, outputs and gradients, is tested in tests/test_lact.py.
+Equality with per-row streaming, outputs and gradients, is tested in tests/test_lact_ragged.py.
 """
 from dataclasses import dataclass
 

@@ -16,7 +16,7 @@ method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per 
 - post: see posttrain.py (REFINE on the prompt, then one answer-SFT step; baselines sft / nested-sft).
 
 Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant LR, no warm-up, grad-norm clip 1.0.
-Deviation: the paper's LR is 1e-6 for 0.76-1.3B models trained on billions of tokens. Our models are ~10M
+Deviation: the paper's LR is 1e-6 for 0.76-1.3B models trained on billions of tokens. Our models are ~2M
 parameters pre-trained from scratch at a peak LR of 3e-3 (cosine down to 3e-4) for a few minutes, and a regime
 runs tens of steps: 1e-6 would not move them at all. We use 1e-4 for mid-training (1/3 of the last pre-training LR,
 enough to move in 20 batches without undoing the pre-training) and 3e-4 for post-training (a new prompt/answer
