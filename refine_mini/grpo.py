@@ -28,17 +28,17 @@ def group_ids(rollouts: Rollouts) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6):
-    """rewards (N,), groups (N,) -> advantages (N,) standardised within each group, and flat (G,) bool per group."""
-    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)  # inverse (N,), counts (G,)
-    G = counts.numel()
+    """rewards (N,), groups (N,) -> advantages (N,) standardised within each group, and flat (n_groups,) bool per group."""
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)  # inverse (N,), counts (n_groups,)
+    n_groups = counts.numel()
     rewards = rewards.detach()
-    mean = rewards.new_zeros(G).index_add_(0, inverse, rewards) / counts  # (G,)
+    mean = rewards.new_zeros(n_groups).index_add_(0, inverse, rewards) / counts  # (n_groups,)
     deviation = rewards - mean[inverse]  # R_i - mean_g, (N,)
-    var = rewards.new_zeros(G).index_add_(0, inverse, deviation ** 2) / (counts - 1).clamp(min=1)  # unbiased, (G,)
+    var = rewards.new_zeros(n_groups).index_add_(0, inverse, deviation ** 2) / (counts - 1).clamp(min=1)  # unbiased, (n_groups,)
     # A_i = (R_i - mean_g) / (std_g + eps)
     advantages = deviation / (var.sqrt()[inverse] + eps)  # (N,)
-    r_max = rewards.new_full((G,), -float("inf")).scatter_reduce(0, inverse, rewards, "amax")  # (G,)
-    r_min = rewards.new_full((G,), float("inf")).scatter_reduce(0, inverse, rewards, "amin")  # (G,)
+    r_max = rewards.new_full((n_groups,), -float("inf")).scatter_reduce(0, inverse, rewards, "amax")  # (n_groups,)
+    r_min = rewards.new_full((n_groups,), float("inf")).scatter_reduce(0, inverse, rewards, "amin")  # (n_groups,)
     flat = r_max == r_min  # all rewards equal (or a single row): no signal, advantage exactly 0
     advantages = torch.where(flat[inverse], torch.zeros_like(advantages), advantages)
     return advantages, flat

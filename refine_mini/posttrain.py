@@ -51,11 +51,11 @@ def train_batch(tasks, batch_size: int, length: int, seed: int, step: int) -> li
 
 
 def answer_batch(examples, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """prompt ⊕ target ids, right-padded -> (tokens (B, L), labels (B, L)); labels are IGNORE except on targets."""
+    """prompt ⊕ target ids, right-padded -> (tokens (B, T), labels (B, T)); labels are IGNORE except on targets."""
     rows = [(list(ex.prompt_ids), tokenizer.encode(ex.target)) for ex in examples]
     width = max(len(p) + len(a) for p, a in rows)
-    tokens = torch.full((len(rows), width), tokenizer.eot_id(), dtype=torch.long)  # (B, L)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, L)
+    tokens = torch.full((len(rows), width), tokenizer.eot_id(), dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (B, T)
     for i, (prompt, answer) in enumerate(rows):
         tokens[i, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
         labels[i, len(prompt):len(prompt) + len(answer)] = torch.tensor(answer)
@@ -66,7 +66,7 @@ def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """Mean CE over answer tokens only: logits at position p predict labels[:, p+1]. The last position has no
     target: IGNORE, not a logits[:, :-1] slice, whose backward zero-fills a whole (B, L, V) tensor (as ntp_loss)."""
     logits = model(tokens)[0]  # (B, L, V)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, L): labels shifted left
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): labels shifted left
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)  # (B*L, V) vs (B*L,)
 
 

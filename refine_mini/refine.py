@@ -62,8 +62,8 @@ class RefineConfig:
     adv_eps: float = 1e-6  # A = (R - mean) / (std + adv_eps)
     smooth_kernel: int | None = None  # entropy smoothing kernel (odd); None -> k if k is odd else k+1
     tau: float = 1.0  # temperature of the per-chunk softmax(ẽ/τ)
-    min_prefix: int | None = None  # tokens before the rollout start r = t+1; None -> max(1, round(20·L/16384))
-    end_margin: int | None = None  # r <= L - end_margin (>= k); None -> max(k, round(20·L/16384))
+    min_prefix: int | None = None  # tokens before the rollout start r = t+1; None -> max(1, round(20·T/16384))
+    end_margin: int | None = None  # r <= T - end_margin (>= k); None -> max(k, round(20·T/16384))
     schedule: str = "single"  # "single": one on-policy step per batch | "minibatch": official, several steps
     minibatches: int = 4  # optimizer steps per batch with schedule="minibatch" (documents split evenly)
     detach_prefix: bool = False  # ablation: no policy gradient through the prefix (pre-release shortcut, §8.2)
@@ -191,7 +191,7 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
 
     # 3) rewards (all three logged) and GRPO advantages within each group
     rewards = compute_rewards(rollouts, padded, h_gt, lengths)  # dict of (N,)
-    advantages, flat = group_advantages(rewards[cfg.reward], group_ids(rollouts), cfg.adv_eps)  # (N,), (G,)
+    advantages, flat = group_advantages(rewards[cfg.reward], group_ids(rollouts), cfg.adv_eps)  # (N,), (n_groups,)
     batch_metrics = _batch_metrics(rewards, flat, selection)
 
     # 4) GRPO + NTP loss, one backward, one optimizer step (per mini-batch in the official schedule)

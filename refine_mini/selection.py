@@ -6,8 +6,8 @@ One no-grad teacher-forced pass (model.eval()) over the documents gives, at ever
         formula is off by one; smoothing hides most of the difference);
   h_gt(t) = the post-final-norm hidden state after reading x_t: the reward's ground-truth vectors (§1.6, §5).
 The entropy is smoothed by a centred average pool (kernel k if k is odd, else k+1; zero padding counted in the
-mean, as avg_pool1d(count_include_pad=True)). The L real tokens are cut into c chunks of C = floor(L/c) tokens
-(chunk j = [jC, (j+1)C); the last L mod c tokens are never eligible) and one position is drawn per chunk with
+mean, as avg_pool1d(count_include_pad=True)). The T real tokens are cut into c chunks of C = floor(T/c) tokens
+(chunk j = [jC, (j+1)C); the last T mod c tokens are never eligible) and one position is drawn per chunk with
 p_j(t) = softmax_{t in chunk j}(ẽ_t / τ), τ = 1, from an explicit torch.Generator.
 Ablations (paper Tab. 7): "uniform" (equal weights, same draw), "argmax" / "argmin" of the UNSMOOTHED entropy.
 
@@ -15,9 +15,9 @@ Deviations and choices:
 - Documents are unpadded 1-D tensors, batched by RIGHT padding. A causal model never lets a later (pad) token
   change an earlier position, so s0 = 0 and no pad token ever enters a state (§9 "avoid left-padding").
   Before smoothing the pad positions are zeroed, so the pool sees exactly the zero padding of a lone document.
-- Edge clamp scaled to the document length L. The code clamps the rollout start r = t+1 to [s0+20, S-20] at
-  S = 16384. We use r >= min_prefix = max(1, round(20·L/16384)) and r <= L - end_margin with
-  end_margin = max(k, round(20·L/16384)) >= k, so min_prefix tokens precede the rollout and all k ground-truth
+- Edge clamp scaled to the document length T. The code clamps the rollout start r = t+1 to [s0+20, S-20] at
+  S = 16384. We use r >= min_prefix = max(1, round(20·T/16384)) and r <= T - end_margin with
+  end_margin = max(k, round(20·T/16384)) >= k, so min_prefix tokens precede the rollout and all k ground-truth
   tokens x_r..x_{r+k-1} exist. Both are overridable. Clamping can make two chunks pick the same t.
 - τ is a parameter (the paper has one; the code has none, i.e. τ = 1).
 """
@@ -110,7 +110,7 @@ def edge_clamp(length: int, k: int, min_prefix: int | None = None,
     end_margin = max(k, scaled) if end_margin is None else end_margin
     if min_prefix < 1 or end_margin < k:
         raise ValueError(f"need min_prefix >= 1 and end_margin >= k={k}, got {min_prefix} and {end_margin}")
-    lo, hi = min_prefix - 1, length - end_margin - 1  # r in [min_prefix, L - end_margin], t = r - 1
+    lo, hi = min_prefix - 1, length - end_margin - 1  # r in [min_prefix, T - end_margin], t = r - 1
     if lo > hi:
         raise ValueError(f"document of {length} tokens is too short for min_prefix={min_prefix}, "
                          f"end_margin={end_margin}")
