@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         print(f"    vs the naive recurrence (x[:, :, t] per step, interleaved): {naive_x:5.1f}x  "
               f"{'PASS' if naive_x >= 25 else 'MISS'}")
         if "pb" in t:
-            print("    calibration, the plain chunked version (the issue: 'about 27x and 30%'): "
+            print("    calibration, the plain chunked version (the targets were set beside its 'about 27x and 30%'): "
                   f"{t['rb'] / t['pb']:.1f}x vs the oracle, {t['nb'] / t['pb']:.1f}x vs naive (interleaved), "
                   f"{100 * flops / b2b['pf'] / mm_rate_hot:.0f}% mm; ours is "
                   f"{t['pb'] / t['cb']:.1f}x faster")
@@ -228,11 +228,11 @@ def main(argv=None) -> int:
               f"{mm_rate_hot / 1e9:.0f} GFLOP/s; nominal §1.3 count; by the matmuls it actually runs "
               f"{100 * impl_flops(B, H, T, D, C) / b2b['cf'] / mm_rate_hot:.0f}%; interleaved "
               f"{100 * flops / t['cf'] / mm_rate:.0f}%)")
-        # the issue states its targets beside what a plain version reaches ("about 27x and 30%"): as multiples of
+        # the targets are stated beside what a plain version reaches ("about 27x and 30%"): as multiples of
         # the plain version's speed, timed here in the same way, they do not depend on how fast this machine's
         # matmul is against its small ops, nor on how the recurrence is written
         fb_vs_plain, fwd_vs_plain = b2b["pb"] / b2b["cb"], b2b["pf"] / b2b["cf"]
-        print("  the same targets as multiples of the plain version (the issue's calibration; back to back):")
+        print("  the same targets as multiples of the plain version (calibrated by it; back to back):")
         print(f"    fwd+bwd: 25x where plain reaches 27x, so >= {25 / 27:.2f}x plain's speed (aim {40 / 27:.2f}x): "
               f"ours {fb_vs_plain:.2f}x  {'PASS' if fb_vs_plain >= 25 / 27 else 'MISS'}  "
               f"({b2b['pb'] * 1e3:.1f} / {b2b['cb'] * 1e3:.2f} ms)")
