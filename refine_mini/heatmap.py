@@ -44,7 +44,7 @@ def _paint(text: str, score: float | None, color: bool) -> str:
 
 
 def _pct(score: float | None) -> str:
-    return "-" if score is None else f"{100 * score:.0f}"
+    return "-" if score is None else str(int(100 * score + 0.5))  # half up (12.5 -> 13), not Python's half to even
 
 
 def render_heatmap(scores: dict, lengths: list[int], depths: list[float], title: str = "",
