@@ -45,12 +45,14 @@ shapes = st.tuples(st.integers(1, 2), st.integers(1, 2), LENGTHS, st.integers(1,
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
 @given(shape=shapes, C=CHUNKS, with_state=st.booleans(), seed=st.integers(0, 99))
 @example(shape=(1, 1, 51, 1, 2), C=16, with_state=False, seed=86)  # Dk = 1: parallel keys (found at 1.2e-5, base 16)
+@example(shape=(1, 1, 65, 1, 1), C=17, with_state=False, seed=1)  # S = 0.019 from O(1) terms: abs err 2.6e-7
 def test_chunked_equals_recurrent(dtype, shape, C, with_state, seed):
     """chunk(C) == recurrence for every C (dividing T or not), outputs and final state, with or without S0.
 
     fp32: a result can be the small difference of O(1) terms (a state decayed to ~1e-4), and then no fp32 kernel
     is 1e-5-relative exact; there the chunked kernel must be as accurate as the fp32 recurrence itself (within 10x
-    of its error against the fp64 recurrence on the same inputs)."""
+    of its error against the fp64 recurrence on the same inputs), or pass fla's outright test: max abs error
+    <= 1e-6 (fast-weights.md §5; the inputs are O(1))."""
     q, k, v, b, S0 = inputs(*shape, dtype=dtype, seed=seed)
     S0 = S0 if with_state else None
     o_r, S_r = delta_rule_recurrent(q, k, v, b, initial_state=S0)
@@ -63,7 +65,8 @@ def test_chunked_equals_recurrent(dtype, shape, C, with_state, seed):
     o_t, S_t = delta_rule_recurrent(*(x.double() for x in (q, k, v, b)),
                                     initial_state=None if S0 is None else S0.double())  # fp64 truth, same inputs
     for chunked, recurrent, truth in ((o_c, o_r, o_t), (S_c, S_r, S_t)):
-        assert rel(chunked.double(), truth) < max(TOL[F32], 10 * rel(recurrent.double(), truth))
+        assert (rel(chunked.double(), truth) < max(TOL[F32], 10 * rel(recurrent.double(), truth))
+                or (chunked.double() - truth).abs().max() <= 1e-6)
 
 
 @given(shape=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 40), st.integers(1, 6),
