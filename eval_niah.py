@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from refine_mini.common import CheckpointError, check_seed, fail, keep_freed_memory, pick_device, set_seed
+from refine_mini.common import CheckpointError, check_seed, fail, keep_freed_memory, pick_device, run_dir, set_seed
 from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
                                   load_run, peak_memory, reset_peak_memory)
 from refine_mini.heatmap import render_heatmap, render_table, require_matplotlib, save_png, use_color
@@ -209,10 +209,9 @@ def check_writable(path: Path) -> None:
     if path.is_dir():
         fail(f"--out {path} is a folder; give a file name such as {path / 'eval_niah.json'}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as e:
-        fail(f"cannot write the results to {path}: {e.strerror or e}")
+        run_dir(path.parent)  # creates the folder and tries a write
+    except ValueError as e:
+        fail(f"cannot write the results to {path}: {e}")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -157,17 +157,10 @@ def model_from_checkpoint(ckpt: dict, device) -> FastWeightLM:
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[torch.Tensor]) -> float:
-    model.eval()
-    losses = [ntp_loss(model(b)[0], b).item() for b in batches]
-    model.train()
-    return sum(losses) / len(losses)
-
-
-@torch.no_grad()
-def validation_metrics(model, batches: list[torch.Tensor], generator: torch.Generator) -> dict:
-    """Mid-training's validation (method.md §3): the NTP cross-entropy and the "accuracy" of the official code, the
-    fraction of positions where a token SAMPLED at temperature 1 equals the next token (not argmax; noisy)."""
+def validation_metrics(model, batches: list[torch.Tensor], generator: torch.Generator | None = None) -> dict:
+    """The validation NTP cross-entropy (token mean) and, given a generator, the "accuracy" of mid-training's official
+    validation (method.md §3): the fraction of positions where a token SAMPLED at temperature 1 equals the next token
+    (not argmax; noisy). Pre-training logs the loss only."""
     was_training = model.training
     model.eval()
     nll_sum = hits = count = 0.0
@@ -175,14 +168,16 @@ def validation_metrics(model, batches: list[torch.Tensor], generator: torch.Gene
         logits = model(tokens)[0][:, :-1].float()  # (B, T-1, V): predictions of x_1..x_{T-1}
         targets = tokens[:, 1:]  # (B, T-1)
         nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+        if generator is None:
+            continue
         probs = logits.softmax(-1).flatten(0, 1)  # (B·(T-1), V)
         if not bool(torch.isfinite(probs).all()):
             raise FloatingPointError("non-finite validation logits; stopping, so the last good checkpoint is kept")
         sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)  # (B, T-1)
         hits += (sampled == targets).sum().item()
-        count += targets.numel()
     model.train(was_training)
-    return {"val_loss": nll_sum / count, "val_sampled_acc": hits / count}
+    return {"val_loss": nll_sum / count, **({"val_sampled_acc": hits / count} if generator is not None else {})}
 
 
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device, resume: bool = False) -> dict:
@@ -225,7 +220,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
                    "lr": lr_at(step, cfg),
                    "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens.numel() / dt, 1)}
         if val and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            metrics["val_loss"] = round(evaluate_loss(model, val), 5)
+            metrics["val_loss"] = round(validation_metrics(model, val)["val_loss"], 5)
         log.write(**metrics)
         bar.set_postfix(loss=f"{loss.item():.3f}", **({"val": metrics["val_loss"]} if "val_loss" in metrics else {}))
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
