@@ -211,7 +211,7 @@ def check_writable(path: Path) -> None:
     try:
         run_dir(path.parent)  # creates the folder and tries a write
     except ValueError as e:
-        fail(f"cannot write the results to {path}: {e}")
+        fail(f"--out {path}: {e}")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -175,7 +175,7 @@ def run_dir(out: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()  # writable?
     except OSError as e:
-        raise ValueError(f"cannot write run folder {path}: {e.strerror or e}") from None
+        raise ValueError(f"cannot write folder {path}: {e.strerror or e}") from None
     return path
 
 

@@ -110,3 +110,14 @@ def test_tta_refuses_more_sft_steps_than_prompts(tiny_ckpt, capsys):  # noqa: F8
         tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2", "--batch-size", "2",
                   "--sft-steps", "3", "--length", str(LENGTH)])
     assert e.value.code == 2 and "cannot exceed --batch-size" in capsys.readouterr().err
+
+
+def test_unwritable_output_folders_are_one_line_errors_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", "deltanet", "--out", str(tmp_path / "a_file" / "run")])
+    assert e.value.code == 2 and "cannot write folder" in capsys.readouterr().err
+    import eval_niah
+    with pytest.raises(SystemExit) as e:  # fails before evaluating (no run is even needed to get there)
+        eval_niah.check_writable(tmp_path / "a_file" / "results.json")
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
