@@ -1,11 +1,11 @@
-"""The kernels' conventions, pinned against the issue's formula written out per token (float64).
+"""The kernels' conventions, pinned against the specified formula written out per token (float64).
 
-test_deltanet.py proves chunked == recurrent; this file proves the recurrence is the one specified: the update
-h_t = h_{t-1} + k_t (beta_t (v_t - h_{t-1}^T k_t))^T, the read o_t = scale · h_t^T q_t AFTER writing token t, the
-default scale Dk^-1/2, beta anywhere in (0, 2) (fla's allow_neg_eigval range), and a fixed grid of (T, C) pairs the
-derandomised CI draws might not reach (C = 2, C = 64 with T > 64, C = T ± 1). Then the exact special cases of
-fast-weights.md §5: zero keys write nothing, orthonormal keys with beta = 1 are recalled exactly, outputs are linear
-in (v, S0) jointly and in the scale, rows and heads are independent, and every transition is non-expansive.
+test_deltanet.py proves chunked == recurrent; this file proves the recurrence is the one specified (fast-weights.md
+§1): the update h_t = h_{t-1} + k_t (beta_t (v_t - h_{t-1}^T k_t))^T, the read o_t = scale · h_t^T q_t AFTER writing
+token t, the default scale Dk^-1/2, beta anywhere in (0, 2) (fla's allow_neg_eigval range), and a fixed grid of
+(T, C) pairs the derandomised CI draws might not reach (C = 2, C = 64 with T > 64, C = T ± 1). Then the exact special
+cases of fast-weights.md §5: zero keys write nothing, orthonormal keys with beta = 1 are recalled exactly, outputs are
+linear in (v, S0) jointly and in the scale, rows and heads are independent, and every transition is non-expansive.
 """
 import pytest
 import torch
