@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from refine_mini.common import CheckpointError, check_seed, fail, keep_freed_memory, pick_device, run_dir, set_seed
+from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
 from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
                                   load_run, peak_memory, reset_peak_memory)
 from refine_mini.heatmap import render_heatmap, render_table, require_matplotlib, save_png, use_color
@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
             fail(str(e))
     try:
         device = pick_device(args.device)
-        check_seed(args.seed)
+        set_seed(args.seed)
     except (ValueError, RuntimeError) as e:
         fail(str(e))
     if device.type == "cpu":
@@ -244,7 +244,6 @@ def main(argv=None) -> dict:
         if args.threads < 1:
             fail(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    set_seed(args.seed)
     runs = resolve_runs(args, device)
     out = Path(args.out) if args.out else default_out(runs, args.runs)
     check_writable(out)  # before minutes of evaluation, not after

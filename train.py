@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from refine_mini.common import CheckpointError, check_seed, fail, keep_freed_memory, pick_device, run_dir, set_seed
+from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
 from refine_mini.model import ModelConfig
 from refine_mini.trainer import TrainConfig, pretrain
 
@@ -89,7 +89,6 @@ def check_args(args) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} is a mid/post flag; --regime pretrain does not use it")
     elif args.answer_weight is not None:
         raise ValueError("--answer-weight is a pretrain flag; mid and post use REFINE's own loss weights")
-    check_seed(args.seed)
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,7 @@ interleaved with the rest. The targets are judged at --chunk (default 64, the De
 Calibration (bench/baselines.py, timed interleaved in the same run): a naive recurrence that slices x[:, :, t] at
 every step, and a plain ~40-line chunked version differentiated by autograd. A ratio "chunked vs recurrent" depends on
 how the recurrence is written: our oracle's backward is a few times faster than the naive one's, so the f+b target is
-reported against both, with the plain version's ratios beside it. The issue states its targets beside what a plain
+reported against both, with the plain version's ratios beside it. The targets are stated beside what a plain
 version reaches ("about 27x and 30%"), so both are also judged as multiples of the plain version's speed and FLOP rate,
 timed back to back like ours: those ratios compare two chunked kernels on the same machine, and do not move with how
 fast its big matmul is against its small ops (a 2-core AVX-512 Xeon and a 2-core EPYC differ 2x there).

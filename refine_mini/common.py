@@ -28,15 +28,10 @@ class CheckpointError(Exception):
     """A checkpoint is missing, corrupted, of the wrong model, or of an unknown format."""
 
 
-def check_seed(seed: int) -> int:
-    """The one seed must fit numpy's generator (0 <= seed < 2**32): a clear error instead of numpy's."""
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch; the seed must fit numpy's generator (ValueError with a clear message)."""
     if not 0 <= seed < 2 ** 32:
         raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
-    return seed
-
-
-def set_seed(seed: int) -> None:
-    check_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -220,11 +220,12 @@ class FastWeightLM(nn.Module):
         logits, _, state = self(prompt, state)
         out = []
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        stops = torch.tensor(stop_tokens, dtype=torch.long, device=prompt.device)  # (S,)
         for step in range(max_new_tokens):
             next_token = sample_token(logits[:, -1], temperature, generator)  # (B,)
             out.append(next_token)
             if stop_tokens:
-                finished |= torch.isin(next_token, torch.tensor(stop_tokens, device=next_token.device))
+                finished |= torch.isin(next_token, stops)
                 if bool(finished.all()):
                     break
             if step + 1 < max_new_tokens:

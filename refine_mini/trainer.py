@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from refine_mini.common import (CheckpointError, MetricLog, load_checkpoint, rng_state, run_dir, save_checkpoint,
                                 set_rng_state, trim_log)
-from refine_mini.model import FastWeightLM, ModelConfig
+from refine_mini.model import FastWeightLM, ModelConfig, sample_token
 from refine_mini.tokenizer import encode
 
 ANSWER_CUE = encode("Answer:")  # token ids of the cue before every answer (textgen.py), after a newline
@@ -171,10 +171,7 @@ def validation_metrics(model, batches: list[torch.Tensor], generator: torch.Gene
         count += targets.numel()
         if generator is None:
             continue
-        probs = logits.softmax(-1).flatten(0, 1)  # (B·(T-1), V)
-        if not bool(torch.isfinite(probs).all()):
-            raise FloatingPointError("non-finite validation logits; stopping, so the last good checkpoint is kept")
-        sampled = torch.multinomial(probs, 1, generator=generator).view_as(targets)  # (B, T-1)
+        sampled = sample_token(logits.flatten(0, 1), 1.0, generator).view_as(targets)  # (B·(T-1), V) -> (B, T-1)
         hits += (sampled == targets).sum().item()
     model.train(was_training)
     return {"val_loss": nll_sum / count, **({"val_sampled_acc": hits / count} if generator is not None else {})}
