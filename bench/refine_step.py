@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--mixers", default="deltanet,lact", help="comma-separated mixers to bench")
+    parser.add_argument("--devices", default="auto",
+                        help="comma-separated: cpu, cuda (auto: cpu, plus cuda if present)")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave malloc as it is (default: keep freed memory, as train.py does on CPU)")
     args = parser.parse_args(argv)
@@ -112,6 +114,10 @@ def main(argv=None) -> int:
     bad += [f"--threads must be >= 0, got {args.threads}"] if args.threads < 0 else []
     bad += [f"unknown mixer {m!r} in --mixers; use deltanet, lact" for m in args.mixers.split(",")
             if m not in ("deltanet", "lact")]
+    names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
+        else args.devices.split(",")
+    bad += [f"unknown or unavailable device {d!r} in --devices; use cpu or cuda" for d in names
+            if d not in ("cpu", "cuda") or (d == "cuda" and not torch.cuda.is_available())]
     bad += [f"--seq-len {args.seq_len} leaves no room for --c {args.c} chunks with a {args.k}-token rollout each"]\
         if args.seq_len < args.c * (args.k + 2) else []
     if bad:
@@ -119,8 +125,8 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    kept = not args.glibc_default and keep_freed_memory()
+    devices = [torch.device(d) for d in names]
+    kept = not args.glibc_default and "cpu" in names and keep_freed_memory()
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, devices {[d.type for d in devices]}, "
           f"malloc {'keeps freed memory (as train.py)' if kept else 'as the C library does by default'}")
     if args.quick:

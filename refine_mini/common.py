@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +82,21 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
+def clock(device: torch.device | str) -> float:
+    """time.perf_counter() once `device` has run everything queued on it. CUDA kernels run asynchronously, so a
+    bare perf_counter around a training step would time the kernel launches, not the kernels."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def rng_state() -> dict:
-    """Every global RNG state, as tensors and plain values only (so weights_only loading accepts it)."""
-    state = {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
-             "numpy": _to_plain(np.random.get_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The global RNG states of Python, NumPy and torch's CPU generator, as tensors and plain values only (so
+    weights_only loading accepts it). CUDA's generators are left out on purpose: nothing here draws from them (models
+    are initialised on CPU, every sampler is an explicit Generator rebuilt from (seed, step)), and saving them would
+    start a CUDA context in CPU runs and tie a checkpoint to the number of visible GPUs."""
+    return {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
+            "numpy": _to_plain(np.random.get_state())}
 
 
 def set_rng_state(state: dict) -> None:
@@ -95,8 +104,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # a "cuda" entry (checkpoints written before CUDA states were left out) is ignored, for rng_state's reasons
 
 
 def _to_plain(x):

@@ -195,9 +195,8 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dh, dhs):
-        # a loss like o.sum() hands in an expanded (stride-0) dO, which every matmul would materialise again: it is
-        # made dense once here
-        do, dhs = do.contiguous(), (dhs.contiguous() if dhs.numel() else None)
+        # dO may be expanded (stride 0, from a loss like o.sum()): chunk_backward makes it dense once, scaled
+        dhs = dhs.contiguous() if dhs.numel() else None
         return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None, None)
 
 

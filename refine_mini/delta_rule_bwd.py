@@ -23,14 +23,17 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
     """Gradients (dq, dk, dv, dbeta, dh0) of `delta_rule._chunk_forward`. do (Z,C,Dv), dhN (BH,Dk,Dv); saved:
     Tm (Z,C,C), W (Z,C,Dk), M (Z,C,C), U' (Z,C,Dv), h_n (Z,Dk,Dv).
     dh_chunks (Z,Dk,Dv), optional: gradient reaching the state entering each chunk from outside (chunk_states=True).
-    Returns dq, dk (Z,C,Dk), dv (Z,C,Dv), dbeta (Z,C,1), dh0 (BH,Dk,Dv). The scale s rides on the matmuls'
-    alpha/beta, so no full-size tensor is multiplied by it."""
+    Returns dq, dk (Z,C,Dk), dv (Z,C,Dv), dbeta (Z,C,1), dh0 (BH,Dk,Dv).
+    Every use of dO carries the scale s, so dO is scaled once, in the same pass that makes an expanded (stride-0) dO
+    from a loss like o.sum() dense; every matmul would otherwise materialise it again."""
     Z, C, Dk = kz.shape
     BH, _, Dv = dhN.shape
     N = Z // BH
-    # the parts of dU' and dh_n that do not depend on dh_{n+1}, for all chunks at once (beta=0: the buffer is unread)
-    dUp = torch.baddbmm(do.new_empty(Z, C, Dv), M.mT, do, beta=0.0, alpha=scale)  # s Mᵀ dO -> dU' in the scan
-    E = torch.baddbmm(do.new_empty(Z, Dk, Dv), qz.mT, do, beta=0.0, alpha=scale).view(BH, N, Dk, Dv)  # s Qᵀ dO
+    dos = (do * scale).contiguous()                                     # s dO: (Z,C,Dv)
+    # the parts of dU' and dh_n that do not depend on dh_{n+1}, for all chunks at once. Plain bmm, not baddbmm with
+    # beta=0 on an empty buffer: compiled matmul templates compute beta * buffer, and 0 * NaN garbage is NaN
+    dUp = torch.bmm(M.mT, dos)                                          # s Mᵀ dO -> dU' in the scan: (Z,C,Dv)
+    E = torch.bmm(qz.mT, dos).view(BH, N, Dk, Dv)                       # s Qᵀ dO: (Z,Dk,C)@(Z,C,Dv)
     # reverse scan: dU'_n = s Mᵀ dO_n + K_n dh_{n+1};  dh_n = dh_{n+1} + s Qᵀ dO_n - W_nᵀ dU'_n
     dU4, W4, K4 = dUp.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
     dhn = dhN.new_empty(BH, N, Dk, Dv)                                  # dh_{n+1}: the gradient leaving chunk n
@@ -44,11 +47,11 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
     dhn = dhn.view(Z, Dk, Dv)
     del E                                                               # used up: its memory serves the next tensors
     dVb = torch.bmm(Tm.mT, dUp)                                         # Tᵀ dU': (Z,C,Dv)
-    P = torch.bmm(do, Up.mT).tril_()                                    # tril_incl(dO U'ᵀ); dM = s P: (Z,C,C)
+    dM = torch.bmm(dos, Up.mT).tril_()                                  # dM = tril_incl(s dO U'ᵀ): (Z,C,C)
     nA = torch.bmm(dVb, Up.mT).tril_(-1)                                # -dA = strict_tril(dVb U'ᵀ): (Z,C,C)
     nKb = torch.bmm(dVb, hs.mT)                                         # -dKb = dVb h_nᵀ: (Z,C,Dk)
-    dq = torch.bmm(do, hs.mT).baddbmm_(P, kz, beta=scale, alpha=scale)  # s dO h_nᵀ + dM K: (Z,C,Dk)
-    dk = torch.bmm(Up, dhn.mT).baddbmm_(P.mT, qz, alpha=scale)         # U' dh_{n+1}ᵀ + dMᵀ Q
+    dq = torch.bmm(dos, hs.mT).baddbmm_(dM, kz)                         # s dO h_nᵀ + dM K: (Z,C,Dk)
+    dk = torch.bmm(Up, dhn.mT).baddbmm_(dM.mT, qz)                      # U' dh_{n+1}ᵀ + dMᵀ Q: (Z,C,Dk)
     Yn = nKb.baddbmm_(nA, kz)                                           # -Y = -(dA K + dKb), in nKb's buffer
     dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kz * bz, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb
     # db_i = v_i·dVb_i + k_i·Y_i, row-wise dot products (einsum: no full-size product tensor in between)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from refine_mini import niah, tokenizer
+from refine_mini.common import clock
 from refine_mini.evaluate import first_line, greedy_outputs
 from refine_mini.regimes import RegimeConfig, Run, inner_update, step_generator, steps_per_batch
 from refine_mini.selection import eval_mode
@@ -72,7 +73,7 @@ def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def sft_step(model, optimizer, examples, grad_clip: float, device) -> dict:
     """One optimizer step of answer SFT on `examples` (method.md §3 (b))."""
-    t0 = time.perf_counter()
+    t0 = clock(device)
     tokens, labels = answer_batch(examples, device)
     loss = answer_loss(model, tokens, labels)
     if not torch.isfinite(loss):
@@ -80,7 +81,7 @@ def sft_step(model, optimizer, examples, grad_clip: float, device) -> dict:
     loss.backward()
     grad_norm = clip_and_step(model, optimizer, grad_clip)
     return {"sft_loss": loss.item(), "grad_norm": grad_norm, "answer_tokens": int((labels != IGNORE).sum()),
-            "tokens_per_s": tokens.numel() / (time.perf_counter() - t0)}
+            "tokens_per_s": tokens.numel() / (clock(device) - t0)}
 
 
 # ---- quick evaluation: greedy answers to eval-split prompts ------------------------------------------------------

@@ -33,12 +33,12 @@ DeltaNet from the kernel's chunk-entry states, LaCT from its chunk history).
 Deviations: the NTP term is the token-mean CE over all documents of the (mini-)batch (verl averages per micro-batch);
 documents are unpadded (right padding only for the no-grad teacher pass); see selection.py / grpo.py for theirs.
 """
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from refine_mini.common import clock
 from refine_mini.grpo import group_advantages, group_ids, ppo_clip_loss
 from refine_mini.rewards import REWARDS, compute_rewards
 from refine_mini.rollout import (Rollouts, document_forward, log_probs, recorded_forward, rollout_logp,
@@ -161,8 +161,9 @@ def _update(model, optimizer, loss, grad_clip: float) -> float:
 def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Generator | None = None,
                 grad_clip: float = 1.0):
     """One REFINE batch -> metrics dict ("single") or a list of dicts, one per optimizer step ("minibatch")."""
-    start_time = time.perf_counter()
     docs = as_documents(tokens)
+    device = docs[0].device
+    start_time = clock(device)
     padded, lengths = pad_documents(docs)  # (B, T_max), (B,)
     optimizer.zero_grad(set_to_none=True)
 
@@ -187,7 +188,7 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
     else:
         fwd = None
         rollouts = rollouts_forked(model, docs, selection.positions, cfg.k, cfg.n, generator)  # no grad
-    rollout_time = time.perf_counter() - start_time
+    rollout_time = clock(device) - start_time
 
     # 3) rewards (all three logged) and GRPO advantages within each group
     rewards = compute_rewards(rollouts, padded, h_gt, lengths)  # dict of (N,)
@@ -198,20 +199,20 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
     if cfg.schedule == "single":
         loss, stats = refine_loss(model, docs, selection, rollouts, advantages, cfg, "fast", doc_forward=fwd)
         grad_norm = _update(model, optimizer, loss, grad_clip)
-        elapsed = time.perf_counter() - start_time
+        elapsed = clock(device) - start_time
         return {**stats, **batch_metrics, "grad_norm": grad_norm, "step_s": elapsed,
                 "tokens_per_s": float(lengths.sum()) / elapsed}
 
     metrics = []
     for doc_ids in torch.arange(len(docs)).tensor_split(min(cfg.minibatches, len(docs))):
-        mb_start = time.perf_counter()
+        mb_start = clock(device)
         lo, hi = int(doc_ids[0]), int(doc_ids[-1]) + 1
         mb_rollouts = rollouts.docs_slice(lo, hi)
         rows = (rollouts.doc >= lo) & (rollouts.doc < hi)  # (N,) rows of this mini-batch
         mb_selection = Selection(selection.positions[lo:hi], selection.entropy[lo:hi])
         loss, stats = refine_loss(model, docs[lo:hi], mb_selection, mb_rollouts, advantages[rows], cfg, "fast")
         grad_norm = _update(model, optimizer, loss, grad_clip)
-        elapsed = time.perf_counter() - mb_start + rollout_time / len(docs) * (hi - lo)
+        elapsed = clock(device) - mb_start + rollout_time / len(docs) * (hi - lo)
         metrics.append({**stats, **batch_metrics, "grad_norm": grad_norm, "step_s": elapsed,
                         "tokens_per_s": float(lengths[lo:hi].sum()) / elapsed})
     return metrics

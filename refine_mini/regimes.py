@@ -18,11 +18,9 @@ method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per 
 Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant LR, no warm-up, grad-norm clip 1.0.
 Deviation: the paper's LR is 1e-6 for 0.76-1.3B models trained on billions of tokens. Our models are ~2M
 parameters pre-trained from scratch at a peak LR of 3e-3 (cosine down to 3e-4) for a few minutes, and a regime
-runs tens of steps: 1e-6 would not move them at all. We use 1e-4 for mid-training (1/3 of the last pre-training LR,
-enough to move in 20 batches without undoing the pre-training) and 3e-5 for post-training. Post-training teaches no
-new format (half the pre-training documents are task prompts with their answers, data.py), and at batch 4 a larger
-LR undoes the base: over 3 seeds, 3e-4 took multi-value NIAH recall from 56 % to 19-28 % and 1e-4 to 34-41 %, while
-3e-5 kept 47-50 % (README "What to expect"). Both are tuned knobs (--lr).
+runs tens of steps: 1e-6 would not move them at all. We use 1e-4 for mid-training (1/3 of the last pre-training LR)
+and 3e-5 for post-training, which teaches no new format (half the pre-training documents are task prompts with
+answers) and where larger LRs undo the base (README "What to expect": MV-NIAH 56 % -> 19-28 % at 3e-4). Both: --lr.
 
 Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
 opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns; in mid-training
@@ -34,14 +32,14 @@ seeded by (seed, step), and the checkpoint holds model, optimizer, step and RNG 
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from refine_mini.common import CheckpointError, MetricLog, load_checkpoint, make_generator, set_rng_state, trim_log
-from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run,
+from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, make_generator, set_rng_state,
+                                trim_log)
+from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run, skip_streak,
                                  validation_metrics)
 
 OBJECTIVES = {"mid": ("refine", "ntp"), "post": ("refine", "nested-sft", "sft")}
@@ -75,8 +73,7 @@ def defaults(regime: str) -> RegimeConfig:
         return RegimeConfig(regime="mid", max_steps=20, batch_size=4, lr=1e-4,
                             refine={"reward": "cosine", "lambda_ntp": 1.0, "lambda_rl": 0.2})
     if regime == "post":
-        # 100 batches: on 2 CPU cores one batch (REFINE step on 4x512 prompts + answer-SFT step) takes ~0.5 s, so
-        # base pre-training (~2.7 min) + this run (~1 min, with the before/after score) fit in ~4 minutes.
+        # 100 batches of a REFINE step on 4x512 prompts + an answer-SFT step: ~1 min on 2 CPU cores
         return RegimeConfig(regime="post", max_steps=100, batch_size=4, lr=3e-5,
                             refine={"reward": "hybrid", "lambda_ntp": 1.0, "lambda_rl": 0.2})
     raise ValueError(f"unknown regime {regime!r}; choose mid or post")
@@ -146,13 +143,13 @@ def inner_update(model, optimizer, tokens: torch.Tensor, objective: str, rcfg, g
 
 def ntp_step(model, optimizer, tokens: torch.Tensor, grad_clip: float) -> dict:
     """One optimizer step of plain next-token prediction on tokens (B, T)."""
-    t0 = time.perf_counter()
+    t0 = clock(tokens.device)
     loss = ntp_loss(model(tokens)[0], tokens)  # logits (B, T, V) vs tokens shifted by one
     check_finite({"ntp_loss": loss.item()}, ("ntp_loss",))
     loss.backward()
     grad_norm = clip_and_step(model, optimizer, grad_clip)
     return {"ntp_loss": loss.item(), "grad_norm": grad_norm,
-            "tokens_per_s": tokens.numel() / (time.perf_counter() - t0)}
+            "tokens_per_s": tokens.numel() / (clock(tokens.device) - t0)}
 
 
 def check_finite(metrics: dict, keys) -> None:
@@ -206,7 +203,7 @@ class Run:
         self.model = model_from_checkpoint(ckpt, device).train()
         self.optimizer = make_optimizer(self.model, cfg)  # AdamW (β1, β2), decay on matrices, constant LR
         self.rcfg = refine_config(dict(cfg.refine))
-        self.step, self.opt_steps, self.extra = 0, 0, {}
+        self.step, self.opt_steps, self.skipped, self.extra = 0, 0, 0, {}
         if resume:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             set_rng_state(ckpt["rng"])
@@ -231,7 +228,8 @@ class Run:
         self.log = MetricLog(out / "metrics.jsonl", append=resume)
 
     def record(self, phase: str, metrics: dict) -> None:
-        """One JSONL line per optimizer step."""
+        """One JSONL line per optimizer step (none for the step that ends a run of skipped ones, skip_streak)."""
+        self.skipped = skip_streak(self.skipped, metrics.get("grad_norm"))
         self.opt_steps += 1
         line = {"step": self.step + 1, "opt_step": self.opt_steps, "phase": phase, "lr": self.cfg.lr}
         line.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()

@@ -20,7 +20,6 @@ the metrics log both the weighted training loss (`loss`) and the plain one (`ntp
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from refine_mini.common import (CheckpointError, MetricLog, load_checkpoint, rng_state, run_dir, save_checkpoint,
+from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, rng_state, run_dir, save_checkpoint,
                                 set_rng_state, trim_log)
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
 from refine_mini.tokenizer import encode
@@ -128,6 +127,21 @@ def clip_and_step(model, optimizer, grad_clip: float) -> float:
     return float(grad_norm)
 
 
+MAX_SKIPPED_STEPS = 5  # consecutive steps skipped for a non-finite gradient before a run stops
+
+
+def skip_streak(streak: int, grad_norm: float | None) -> int:
+    """Steps skipped in a row (clip_and_step skips a step whose grad norm is not finite), counting this one. One
+    skip is a hiccup; a run that keeps skipping has stopped learning (a NaN in the backward), so the
+    MAX_SKIPPED_STEPS-th skip in a row raises FloatingPointError instead of letting it go on silently."""
+    if grad_norm is None or math.isfinite(grad_norm):
+        return 0
+    if streak + 1 >= MAX_SKIPPED_STEPS:
+        raise FloatingPointError(f"{MAX_SKIPPED_STEPS} optimizer steps in a row had a non-finite gradient norm and "
+                                 f"were skipped; stopping, so the last good checkpoint is kept")
+    return streak + 1
+
+
 def weights_finite(state_dict: dict) -> bool:
     tensors = [t for t in state_dict.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
@@ -197,32 +211,35 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     forward = torch.compile(model) if cfg.compile else model
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]]
     log = MetricLog(out / "metrics.jsonl", append=start > 0)
-    metrics = {}
+    metrics, skipped = {}, 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"pretrain {model_cfg.mixer}")
-    for step in bar:
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        tokens = corpus.batch(cfg.batch_size, _step_generator(cfg.seed, step)).to(device)  # (B, T)
-        nll = token_nll(forward(tokens)[0], tokens)  # (B, T)
-        loss = answer_weighted_loss(nll, tokens, cfg.answer_weight)
-        if not torch.isfinite(loss):
-            log.close()
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; "
-                                     f"the last good checkpoint in {out} is kept")
-        loss.backward()
-        grad_norm = clip_and_step(model, optimizer, cfg.grad_clip)
-        dt = time.perf_counter() - t0
-        metrics = {"step": step + 1, "loss": round(loss.item(), 5), "ntp_loss": round(nll[:, :-1].mean().item(), 5),
-                   "lr": lr_at(step, cfg),
-                   "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens.numel() / dt, 1)}
-        if val and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            metrics["val_loss"] = round(validation_metrics(model, val)["val_loss"], 5)
-        log.write(**metrics)
-        bar.set_postfix(loss=f"{loss.item():.3f}", **({"val": metrics["val_loss"]} if "val_loss" in metrics else {}))
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save_run(out, model, optimizer, step + 1, model_cfg, cfg, "pretrain")
-    log.close()
+    try:  # the log is closed however the loop ends (FloatingPointError, Ctrl-C)
+        for step in bar:
+            t0 = clock(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            tokens = corpus.batch(cfg.batch_size, _step_generator(cfg.seed, step)).to(device)  # (B, T)
+            nll = token_nll(forward(tokens)[0], tokens)  # (B, T)
+            loss = answer_weighted_loss(nll, tokens, cfg.answer_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; "
+                                         f"the last good checkpoint in {out} is kept")
+            loss.backward()
+            grad_norm = clip_and_step(model, optimizer, cfg.grad_clip)
+            skipped = skip_streak(skipped, grad_norm)  # raises after MAX_SKIPPED_STEPS non-finite gradients in a row
+            dt = clock(device) - t0
+            metrics = {"step": step + 1, "loss": round(loss.item(), 5),
+                       "ntp_loss": round(nll[:, :-1].mean().item(), 5), "lr": lr_at(step, cfg),
+                       "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens.numel() / dt, 1)}
+            if val and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+                metrics["val_loss"] = round(validation_metrics(model, val)["val_loss"], 5)
+            log.write(**metrics)
+            shown = {"val": metrics["val_loss"]} if "val_loss" in metrics else {}
+            bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
+            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+                save_run(out, model, optimizer, step + 1, model_cfg, cfg, "pretrain")
+    finally:
+        log.close()
     return metrics
 
 

@@ -32,9 +32,22 @@ def test_cpu_peak_bytes_keeps_the_profilers_lines_off_stderr_and_restores_it(cap
 
 @pytest.mark.parametrize("script, argv", [("kernels", ["--repeats", "0"]), ("kernels", ["--chunk", "0"]),
                                           ("refine_step", ["--batch", "0"]), ("refine_step", ["--mixers", "rnn"]),
-                                          ("refine_step", ["--seq-len", "20"])])
+                                          ("refine_step", ["--seq-len", "20"]), ("refine_step", ["--devices", "tpu"])])
 def test_bench_scripts_refuse_bad_flags_in_one_line(script, argv, capsys):
     main = importlib.import_module(f"bench.{script}").main
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_the_compiled_kernel_check_catches_a_kernel_that_computes_something_else():
+    """bench/kernels.py refuses to time a compiled kernel unless it matches eager (CUDA only; checked here on CPU
+    with stand-ins): zero error against itself, and a 1 % error in the state's gradient path is seen."""
+    kernels = importlib.import_module("bench.kernels")
+    xs = kernels.inputs(1, 2, 40, 8, grad=True)
+    assert kernels.compiled_error(kernels.delta_rule_chunked, xs, 16) == 0.0
+
+    def off(*args, **kwargs):
+        o, S = kernels.delta_rule_chunked(*args, **kwargs)
+        return o, S * 1.01
+    assert 5e-3 < kernels.compiled_error(off, xs, 16) < 2e-2

@@ -105,3 +105,27 @@ def test_with_unit_keys_every_transition_is_non_expansive(beta_max):
                                         initial_state=S0)[1].norm(dim=-2))  # (1, 1, Dv) column norms
     assert all(bool((b <= a * (1 + 1e-12)).all()) for a, b in zip(norms, norms[1:]))
     assert bool((norms[-1] < 0.9 * norms[0]).all())  # and the state really decays
+
+
+def test_gradients_never_read_an_uninitialised_buffer(monkeypatch):
+    """No kernel output may depend on memory it did not write. Eager PyTorch skips a beta=0 input of baddbmm, but
+    inductor's CUDA matmul template computes alpha (a @ b) + beta input, and 0 * NaN garbage is NaN. Here fresh
+    memory is NaN (deterministic mode fills torch.empty with NaN) and baddbmm follows the template's formula: the
+    chunked gradients must still equal the recurrence's."""
+    def template(inp, a, b, *, beta=1.0, alpha=1.0):
+        return alpha * torch.bmm(a, b) + beta * inp
+    monkeypatch.setattr(torch, "baddbmm", template)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(4).isnan().all()  # the premise: fresh memory reads as NaN
+        grads = []
+        for fn in (delta_rule_recurrent, lambda *a, **kw: delta_rule_chunked(*a, chunk_size=8, **kw)):
+            q, k, v, beta, S0 = inputs(1, 2, 21, 4, 3, grad=True)
+            o, hT = fn(q, k, v, beta, initial_state=S0)
+            (o.sum() + (hT * hT).sum()).backward()  # o.sum(): the expanded dO
+            grads.append([x.grad for x in (q, k, v, beta, S0)])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(*grads):
+        assert torch.isfinite(b).all() and rel(b, a) < 1e-10

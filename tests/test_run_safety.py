@@ -9,9 +9,10 @@ import torch
 
 import train
 import tta
-from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint, trim_log
+from refine_mini.common import (CheckpointError, clock, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                                trim_log)
 from refine_mini.model import FastWeightLM
-from refine_mini.trainer import make_optimizer, model_from_checkpoint, pretrain, save_run
+from refine_mini.trainer import make_optimizer, model_from_checkpoint, pretrain, save_run, skip_streak
 from tests.test_regimes import LENGTH, tiny_ckpt  # noqa: F401 (a fixture)
 from tests.test_train import KillingCorpus, Killed, RandomCorpus, short_run, tiny_cfg
 
@@ -121,3 +122,52 @@ def test_unwritable_output_folders_are_one_line_errors_before_any_work(tmp_path,
     with pytest.raises(SystemExit) as e:  # fails before evaluating (no run is even needed to get there)
         eval_niah.check_writable(tmp_path / "a_file" / "results.json")
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_rng_states_never_touch_cuda_even_where_it_is_present(monkeypatch):
+    """Checkpoints hold the CPU-side RNG states only: saving CUDA's would start a CUDA context in CPU runs, and a
+    resume with fewer visible GPUs than at save time crashed restoring them. An old checkpoint's entry is ignored."""
+    def touched(*args, **kwargs):
+        raise AssertionError("touched CUDA's RNG")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", touched)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", touched)
+    state = rng_state()
+    assert set(state) == {"python", "torch", "numpy"}
+    expected = torch.rand(3)
+    set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2})  # saved with 2 GPUs visible
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_step_clock_waits_for_cuda_and_not_for_the_cpu(monkeypatch):
+    """tokens_per_s and step_s read `clock`: on CUDA it must synchronise first, or it times kernel launches."""
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    t0 = clock(torch.device("cpu"))
+    assert waited == [] and clock("cuda:1") >= t0 and waited == ["cuda:1"]
+
+
+def test_a_run_that_keeps_skipping_nan_gradients_stops(tmp_path, tiny_ckpt, monkeypatch, capsys):  # noqa: F811
+    """clip_and_step skips a step whose gradient norm is NaN; four in a row are tolerated, the fifth stops the run
+    (pre-training and the regimes alike) before anything is saved, so the checkpoint stays the last good one."""
+    assert [skip_streak(s, g) for s, g in [(0, 1.0), (0, float("nan")), (3, float("inf")), (3, 2.0), (0, None)]] \
+        == [0, 1, 4, 0, 0]
+    with pytest.raises(FloatingPointError, match="5 optimizer steps in a row"):
+        skip_streak(4, float("nan"))
+    cfg = dataclasses.replace(short_run(), ckpt_every=100)
+    pretrain(tiny_cfg(), dataclasses.replace(cfg, max_steps=3), RandomCorpus(), tmp_path / "pre", "cpu")
+    good = load_checkpoint(tmp_path / "pre")
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="5 optimizer steps in a row"):
+        pretrain(tiny_cfg(), dataclasses.replace(cfg, max_steps=20), RandomCorpus(), tmp_path / "pre", "cpu",
+                 resume=True)
+    kept = load_checkpoint(tmp_path / "pre")
+    assert kept["step"] == 3 and all(torch.equal(v, kept["model"][k]) for k, v in good["model"].items())
+    lines = (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 + 4  # the four tolerated skips are logged (grad_norm NaN), the fifth stops the run
+    out = tmp_path / "mid"
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--model", "deltanet", "--regime", "mid", "--init", str(tiny_ckpt), "--out", str(out),
+                    "--seq-len", str(LENGTH), "--max-steps", "8", "--batch-size", "2", "--c", "2"])
+    assert exit_.value.code == 2 and "5 optimizer steps in a row" in capsys.readouterr().err
+    assert not (out / "ckpt.pt").exists()
