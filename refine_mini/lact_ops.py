@@ -12,7 +12,7 @@ Deviations from the released code:
 - An update runs for every COMPLETE chunk, including the last one of the sequence (the released loop skips
   it because nothing follows). Outputs are identical; only the returned state differs, and this is what makes
   streaming (the state carries a buffered partial chunk of < C tokens) equal the full pass exactly.
-- Newton-Schulz runs in bf16 on CUDA (as released) but in the input dtype (at least fp32) on CPU.
+- Newton-Schulz runs in bf16 on CUDA (as released) but in the input dtype (at least fp32) on CPU; fp64 stays fp64.
 - Fast weights and the math of the op run in fp32 (fp64 when the inputs are fp64); no autocast/compile.
 Layout: kernel tensors (B, H, T, d); fast weights (B, H, rows, cols); lrs eta (B, H, T, 3); momentum m (B, H, T).
 """
@@ -80,9 +80,11 @@ def autograd_grads(w0, w1, w2, k, v, eta):
 def newton_schulz5(x):
     """Approximate orthogonalisation U V^T of x (..., m, n) -> same shape (Muon's NS5, spec §3.2 step 4).
 
-    Runs in bf16 on CUDA, in the input dtype (at least fp32) on CPU; result cast back to x.dtype.
+    Runs in bf16 on CUDA, in the input dtype (at least fp32) on CPU, and in fp64 for fp64 inputs anywhere (the
+    reference precision of the tests); result cast back to x.dtype.
     """
-    work_dtype = torch.bfloat16 if x.is_cuda else torch.promote_types(x.dtype, torch.float32)
+    fast = x.is_cuda and x.dtype != torch.float64
+    work_dtype = torch.bfloat16 if fast else torch.promote_types(x.dtype, torch.float32)
     y = x.to(work_dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
