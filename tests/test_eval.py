@@ -220,3 +220,10 @@ def test_png_heatmaps_when_matplotlib_is_installed(tmp_path):
     scores = {(256, 0.0): 1.0, (256, 1.0): 0.5, (512, 0.0): 0.0}
     save_png(str(tmp_path / "h.png"), [[("a: s_niah", scores)], [("b: s_niah", {})]], [256, 512], [0.0, 1.0])
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_line_is_cut_before_stripping():
+    """method.md §6 (RULER QA): the text before the FIRST newline, then stripped. An output that starts with a
+    newline has an empty first line (only some LongBench tasks strip leading newlines first)."""
+    assert evaluate.first_line("\n Ashton") == "" and evaluate.first_line("  \n Ashton") == ""
+    assert evaluate.first_line(" Ashton \nBelford") == "Ashton"

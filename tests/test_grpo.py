@@ -86,3 +86,15 @@ def test_ratio_is_one_on_policy_with_the_real_model(mixer):
     advantages = torch.randn(16)
     _, stats = refine_loss(model, docs, selection, ro, advantages, RefineConfig(c=4, k=4, n=2))
     assert stats["ratio_max_dev"] < 1e-6 and stats["clip_frac"] == 0.0
+
+
+def test_a_huge_log_ratio_is_clamped_so_the_gradient_stays_finite():
+    """method.md §1.8: ratio = exp(clamp(logp - old_logp, -20, 20)). A log-ratio of 100 must neither overflow the
+    ratio (exp(100) = inf in fp32) nor give a NaN gradient; the clip (A > 0) and the dual-clip cap -3A (A < 0) bound
+    the token loss, and neither branch carries a gradient."""
+    for adv, expected in ((1.0, -1.2), (-1.0, 3.0)):
+        logp = torch.full((1, 1), 100.0, requires_grad=True)
+        loss, stats = ppo_clip_loss(logp, torch.zeros(1, 1), torch.tensor([adv]))
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(expected) and stats["ratio_mean"] < float("inf")
+        assert torch.isfinite(logp.grad).all() and float(logp.grad.abs().max()) == 0.0

@@ -178,3 +178,10 @@ def test_word_lists_have_no_duplicates_and_docstring_render_holds():
     assert ex.needle_token_pos == [39] and ex.answers == ["1509413"] and "short-forest" in niah.__doc__
     ex = qa.make_qa_example(230, 0.5, random.Random(2))
     assert ex.needle_token_pos == [107] and ex.answers == ["Corhaven"] and "Corhaven" in qa.__doc__
+
+
+def test_niah_recall_counts_each_gold_value_once():
+    """RULER recall is the fraction of the gold values found in the output: a repeated value is found once, so
+    recall never exceeds 1 and a repeated value cannot stand in for a missing one."""
+    assert niah.score_niah(" 1234567, 1234567", ["1234567"]) == 1.0
+    assert niah.score_niah(" 1111111 1111111 1111111 1111111", ["1111111", "2222222", "3333333", "4444444"]) == 0.25

@@ -3,7 +3,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from refine_mini import refine
 from refine_mini.grpo import group_advantages, group_ids
 from refine_mini.model import FastWeightLM, ModelConfig
 from refine_mini.refine import RefineConfig, refine_loss, refine_step
@@ -174,3 +176,61 @@ def test_bad_config_and_inputs_raise_value_error():
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError):
         refine_step(model, optimizer, torch.randint(0, 64, (2, 6)), RefineConfig(c=8, k=5))
+
+
+def test_ntp_term_is_the_token_mean_over_next_token_targets():
+    """The NTP term is the token mean of -log p(x_{t+1} | x_≤t) over all documents: a document of L tokens has
+    L - 1 targets (padding and rollout tokens are not targets)."""
+    model = make_model("deltanet")
+    docs = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 23)]
+    selection = Selection(torch.tensor([[5, 15], [4, 12]]), torch.zeros(2, 2))
+    rollouts = rollouts_forked(model, docs, selection.positions, 2, 1, torch.Generator().manual_seed(0))
+    _, stats = refine_loss(model, docs, selection, rollouts, torch.zeros(4), RefineConfig(c=2, k=2), "fast")
+    with torch.no_grad():
+        total = sum(F.cross_entropy(model(d[None])[0][0, :-1].double(), d[1:], reduction="sum") for d in docs)
+    assert stats["ntp_loss"] == pytest.approx(float(total) / sum(len(d) - 1 for d in docs), rel=1e-5)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_the_default_config_backpropagates_the_policy_gradient_through_the_prefix(mixer):
+    """method.md §1.8, §8.2: by default the next-sequence loss back-propagates through the WHOLE prefix (detaching
+    it is only an ablation), so embedding rows that occur only in the prefix get a policy gradient."""
+    torch.manual_seed(0)
+    model = FastWeightLM(ModelConfig(mixer=mixer, **TINY, tie_embeddings=False))
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(48, 64, (21,), generator=g)  # ids 48..63 occur only in x_0..x_20
+    doc = torch.cat([first, torch.randint(0, 48, (27,), generator=g)])
+    selection = Selection(torch.tensor([[20, 30, 40]]), torch.zeros(1, 3))
+    rollouts = rollouts_forked(model, [doc], selection.positions, 4, 1, g)
+    only_prefix = sorted(set(first.tolist()) - set(rollouts.tokens.flatten().tolist()))
+    assert only_prefix
+    cfg = RefineConfig(c=3, k=4, lambda_ntp=0.0, lambda_rl=1.0)  # detach_prefix left at its default
+    loss, _ = refine_loss(model, [doc], selection, rollouts, torch.tensor([1.0, -0.5, -0.5]), cfg, "fast")
+    loss.backward()
+    grad = model.embed.weight.grad
+    assert grad is not None and grad[only_prefix].norm(dim=1).min() > 0
+
+
+@pytest.mark.parametrize("reward", ["binary", "cosine"])
+def test_the_configured_reward_drives_the_advantage(reward, monkeypatch):
+    """method.md §1.6, §3: the regime's reward (cosine for mid, hybrid for post, binary for TTT) is the one
+    standardised into the GRPO advantage; the others are only logged."""
+    seen = {}
+    real_rewards, real_advantages = refine.compute_rewards, refine.group_advantages
+
+    def spy_rewards(*args, **kwargs):
+        seen["rewards"] = real_rewards(*args, **kwargs)
+        return seen["rewards"]
+
+    def spy_advantages(rewards, *args, **kwargs):
+        seen["input"] = rewards
+        return real_advantages(rewards, *args, **kwargs)
+
+    monkeypatch.setattr(refine, "compute_rewards", spy_rewards)
+    monkeypatch.setattr(refine, "group_advantages", spy_advantages)
+    model = make_model("deltanet")
+    tokens = torch.randint(0, 64, (2, 36), generator=torch.Generator().manual_seed(1))
+    refine_step(model, torch.optim.SGD(model.parameters(), lr=0.0), tokens, RefineConfig(c=4, k=3, reward=reward),
+                torch.Generator().manual_seed(0))
+    assert not torch.equal(seen["rewards"]["binary"], seen["rewards"]["cosine"])  # the rewards are distinguishable
+    assert torch.equal(seen["input"], seen["rewards"][reward])

@@ -215,3 +215,15 @@ def test_answer_nll_in_blocks_equals_one_batch_and_falls_when_the_answers_are_tr
     for _ in range(5):
         posttrain.sft_step(model, optimizer, examples, grad_clip=1.0, device="cpu")
     assert posttrain.answer_nll(model, examples, "cpu") < 0.9 * before
+
+
+def test_answer_sft_labels_are_the_whole_target_including_its_newline():
+    """posttrain.py: the SFT target is Example.target, " <answer>\\n"; the newline plays EOS's role, since decoding
+    and scoring stop at the first newline (method.md §6). The cross-entropy is taken on exactly those tokens."""
+    from refine_mini import tokenizer
+    examples = posttrain.train_batch(("s_niah", "qa"), 2, 160, seed=0, step=0)
+    tokens, labels = posttrain.answer_batch(examples)
+    for i, ex in enumerate(examples):
+        answer = labels[i][labels[i] != posttrain.IGNORE].tolist()
+        assert tokenizer.decode(answer) == ex.target and ex.target.endswith("\n")
+        assert tokens[i, len(ex.prompt_ids):len(ex.prompt_ids) + len(answer)].tolist() == answer

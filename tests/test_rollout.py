@@ -1,4 +1,6 @@
 """Rollouts from forked prefix states (method.md §1.4-1.5, §9; house style rule 6)."""
+import math
+
 import pytest
 import torch
 
@@ -162,3 +164,35 @@ def test_deltanet_states_stack_and_lact_states_at_different_positions_do_not():
         with torch.no_grad():
             fwd = document_forward(model, docs, positions)
         assert can_stack(fwd.snapshots) is expected
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_reference_rollout_hidden_is_taken_at_the_rollout_tokens(mixer):
+    """method.md §1.5: h_pred(r+j) is the final hidden state AT rollout token x̂_{r+j} (after reading it), as in a
+    forward over [prefix ; rollout]."""
+    model, docs, _ = make(mixer)
+    positions = torch.tensor([[6, 15, 22]])
+    ro = rollouts_reference(model, docs[:1], positions, 3, 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for row, t in enumerate(positions[0].tolist()):
+            _, hidden, _ = model(torch.cat([docs[0][:t + 1], ro.tokens[row]])[None])
+            torch.testing.assert_close(ro.h_pred[row], hidden[0, t + 1:t + 4], atol=1e-5, rtol=1e-5)
+
+
+def test_rollouts_are_sampled_at_temperature_one_from_the_policy():
+    """method.md §1.4: temperature 1, no top-k/top-p: x̂ ~ π_θ itself, the distribution old_logp describes. With
+    every position's head fixed to p(1) = 3/4, p(0) = 1/4, token 1 makes up 3/4 of 4000 draws."""
+    model, docs, _ = make("deltanet")
+
+    def fixed_head(hidden):  # (..., D) -> (..., V): log-odds log 3 between tokens 1 and 0, ~0 mass elsewhere
+        logits = torch.full((*hidden.shape[:-1], model.cfg.vocab_size), -40.0)
+        logits[..., 1] = math.log(3.0)
+        logits[..., 0] = 0.0
+        return logits
+
+    model.head = fixed_head
+    ro = rollouts_forked(model, docs[:1], torch.tensor([[10]]), 2, 2000, torch.Generator().manual_seed(0))
+    assert set(ro.tokens.unique().tolist()) <= {0, 1}
+    assert abs(float((ro.tokens == 1).double().mean()) - 0.75) < 0.03  # 4000 draws: 4.4 standard deviations
+    expected = torch.where(ro.tokens == 1, math.log(0.75), math.log(0.25)).double()
+    torch.testing.assert_close(ro.old_logp.double(), expected, atol=1e-5, rtol=0)

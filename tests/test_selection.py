@@ -137,3 +137,28 @@ def test_blocked_entropy_equals_one_block():
     torch.testing.assert_close(entropy_from_hidden(model, hidden, block=5), one, atol=0, rtol=0)
     p = torch.softmax(model.head(hidden).double(), -1)
     torch.testing.assert_close(one.double(), -(p * p.log()).sum(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_sampling_uses_the_smoothed_entropy():
+    """method.md §1.3: positions are drawn from the softmax over the chunk of the SMOOTHED entropy (kernel 5 for
+    k = 5). A one-token spike e_5 = 10 smooths to 2 on positions 3..7, so each of those five is drawn with
+    e²/(5e² + 5) ≈ 0.18, not the ≈1 that a softmax over the raw spike would give."""
+    rows = 1000
+    e = torch.zeros(rows, 20)
+    e[:, 5] = 10.0
+    sel = select_positions(e, torch.full((rows,), 20), 2, 5, "entropy", generator=torch.Generator().manual_seed(0),
+                           min_prefix=1, end_margin=5)
+    freq = torch.bincount(sel.positions[:, 0], minlength=10).double() / rows
+    smoothed = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(freq, torch.softmax(smoothed, 0), atol=0.05, rtol=0)
+
+
+def test_selection_temperature_divides_the_entropy():
+    """p_j(t) ∝ exp(ẽ_t / τ) (paper Eq. 6): at τ = 2, entropies (0, 0, 2 ln 2, 2 ln 4) are drawn with
+    probabilities (1, 1, 2, 4) / 8."""
+    rows = 2000
+    e = torch.tensor([[0.0, 0.0, 2 * math.log(2), 2 * math.log(4)] * 2]).expand(rows, 8).contiguous()
+    sel = select_positions(e, torch.full((rows,), 8), 2, 1, "entropy", tau=2.0, kernel=1,
+                           generator=torch.Generator().manual_seed(0), min_prefix=1, end_margin=1)
+    freq = torch.bincount(sel.positions[:, 0], minlength=4).double() / rows
+    torch.testing.assert_close(freq, torch.tensor([1, 1, 2, 4], dtype=torch.float64) / 8, atol=0.03, rtol=0)
