@@ -26,7 +26,6 @@ Deviations from the paper:
 
 import json
 import random
-import time
 from pathlib import Path
 
 import torch
