@@ -11,17 +11,11 @@ import torch
 
 from refine_mini import data
 from refine_mini.common import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from refine_mini.model import FastWeightLM
 from refine_mini.textgen import is_split_key, is_split_value
 from refine_mini.tokenizer import decode
-from tests.test_regimes import tiny_model_cfg
+from tests.test_regime_contracts import tiny_model
 
 NEEDLE = re.compile(r"The special magic number for ([a-z]+-[a-z]+) is: (\d{7})\.")
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return FastWeightLM(tiny_model_cfg())
 
 
 # ---- data.py ------------------------------------------------------------------------------------------------------

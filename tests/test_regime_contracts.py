@@ -14,6 +14,7 @@ from refine_mini.common import load_checkpoint
 from refine_mini.model import FastWeightLM
 from refine_mini.niah import make_task_examples
 from tests.test_regimes import LENGTH, run_cli, small_defaults, tiny_ckpt, tiny_model_cfg  # noqa: F401 (fixtures)
+from tests.test_train import Killed
 
 
 def jsonl(path):
@@ -131,10 +132,6 @@ def test_check_finite_rejects_infinities_as_well_as_nan(value):
 
 
 # ---- regimes.py: checkpoint cadence and exact resume --------------------------------------------------------------
-
-class Killed(Exception):
-    pass
-
 
 @pytest.fixture
 def ckpt_every_2(small_defaults, monkeypatch):  # noqa: F811
