@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from refine_mini import tokenizer
 from refine_mini.common import CheckpointError, fail, keep_freed_memory, load_checkpoint, pick_device, set_seed
 from refine_mini.niah import TASKS, make_task_examples
 from refine_mini.posttrain import score_examples
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
         if device.type == "cpu":
             keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
         set_seed(args.seed)
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = load_checkpoint(args.ckpt, vocab=tokenizer.vocab_size())
         length = args.length or checkpoint_seq_len(ckpt)
         examples = make_task_examples(args.task, args.samples, length, None, args.seed, split="eval")
         cfg = TTTConfig(lr=args.lr, sft_steps=args.sft_steps)

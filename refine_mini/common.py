@@ -145,9 +145,10 @@ def _umask() -> int:
 
 
 def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_location="cpu",
-                    for_resume: bool = False) -> dict:
+                    for_resume: bool = False, vocab: int | None = None) -> dict:
     """Load a checkpoint file (or a run folder holding `ckpt.pt`) safely; raise CheckpointError on any problem.
-    for_resume: it must also hold what resuming needs (optimizer, step, RNG states)."""
+    for_resume: it must also hold what resuming needs (optimizer, step, RNG states).
+    vocab: the tokenizer's vocabulary size the caller will feed it; a model with fewer token rows cannot embed them."""
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -168,6 +169,9 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     mixer = ckpt["model_config"]["mixer"]
     if expect_mixer is not None and mixer != expect_mixer:
         raise CheckpointError(f"checkpoint {path} holds a {mixer} model, but --model {expect_mixer} was asked for")
+    rows = ckpt["model_config"].get("vocab_size")
+    if vocab is not None and isinstance(rows, int) and rows < vocab:
+        raise CheckpointError(f"checkpoint {path} has a vocabulary of {rows} tokens, but the tokenizer has {vocab}")
     return ckpt
 
 

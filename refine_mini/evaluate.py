@@ -60,7 +60,7 @@ def find_runs(root: str | Path = "runs") -> list[Path]:
 def load_run(path: str | Path, device) -> Run:
     """Checkpoint file or run folder -> Run; raises CheckpointError with a one-line message on any problem."""
     path = Path(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", vocab=tokenizer.vocab_size())
     try:
         model = model_from_checkpoint(ckpt, device).eval()
     except CheckpointError as e:

@@ -16,11 +16,10 @@ method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per 
 - post: see posttrain.py (REFINE on the prompt, then one answer-SFT step; baselines sft / nested-sft).
 
 Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant LR, no warm-up, grad-norm clip 1.0.
-Deviation: the paper's LR is 1e-6 for 0.76-1.3B models trained on billions of tokens. Our models are ~2M
-parameters pre-trained from scratch at a peak LR of 3e-3 (cosine down to 3e-4) for a few minutes, and a regime
-runs tens of steps: 1e-6 would not move them at all. We use 1e-4 for mid-training (1/3 of the last pre-training LR)
-and 3e-5 for post-training, which teaches no new format (half the pre-training documents are task prompts with
-answers) and where larger LRs undo the base (README "What to expect": MV-NIAH 56 % -> 19-28 % at 3e-4). Both: --lr.
+Deviation: the paper's LR is 1e-6 (0.76-1.3B models); our ~2M-parameter models (peak LR 3e-3, cosine to 3e-4) would
+not move in tens of steps. Mid-training uses 1e-4 (1/3 of the last pre-training LR), post-training 3e-5: it teaches
+no new format (half the pre-training documents are task prompts with answers), and larger LRs undo the base (README
+"What to expect": MV-NIAH 56 % -> 19-28 % at 3e-4). Both: --lr.
 
 Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
 opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns; in mid-training
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from refine_mini import tokenizer
 from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, make_generator, set_rng_state,
                                 trim_log)
 from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run, skip_streak,
@@ -197,7 +197,7 @@ class Run:
         self.cfg, self.out, self.device = cfg, out, device
         resume = getattr(args, "resume", False) and (out / "ckpt.pt").exists()
         ckpt = load_checkpoint(out if resume else base_checkpoint(args, device), expect_mixer=args.model,
-                               for_resume=resume)
+                               for_resume=resume, vocab=tokenizer.vocab_size())
         if not cfg.seq_len:
             cfg.seq_len = checkpoint_seq_len(ckpt)
         self.model = model_from_checkpoint(ckpt, device).train()

@@ -51,3 +51,20 @@ def test_the_compiled_kernel_check_catches_a_kernel_that_computes_something_else
         o, S = kernels.delta_rule_chunked(*args, **kwargs)
         return o, S * 1.01
     assert 5e-3 < kernels.compiled_error(off, xs, 16) < 2e-2
+
+
+def test_the_device_check_passes_on_cpu_and_catches_a_wrong_kernel(monkeypatch, capsys):
+    """bench/device_check.py is the prepared script for a GPU; here it runs its checks on CPU (no compile, no CLI):
+    all pass, and a chunked kernel whose state is 1 % off fails the first one, with exit status 1."""
+    check = importlib.import_module("bench.device_check")
+    assert check.main(["--device", "cpu", "--no-compile"]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+    real = check.delta_rule_chunked
+
+    def off(*args, **kwargs):
+        o, S = real(*args, **kwargs)
+        return o, S * 1.01
+    monkeypatch.setattr(check, "delta_rule_chunked", off)
+    assert check.main(["--device", "cpu", "--no-compile"]) == 1
+    assert "FAIL  chunked == recurrent" in capsys.readouterr().out
+    assert check.main(["--device", "tpu"]) == 2

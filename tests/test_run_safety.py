@@ -171,3 +171,24 @@ def test_a_run_that_keeps_skipping_nan_gradients_stops(tmp_path, tiny_ckpt, monk
                     "--seq-len", str(LENGTH), "--max-steps", "8", "--batch-size", "2", "--c", "2"])
     assert exit_.value.code == 2 and "5 optimizer steps in a row" in capsys.readouterr().err
     assert not (out / "ckpt.pt").exists()
+
+
+def test_a_checkpoint_with_fewer_token_rows_than_the_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    """A model trained on a small vocabulary (as the unit tests' are) cannot embed the tokenizer's ids: every script
+    that feeds it tokenized text refuses it in one line, instead of an IndexError deep in the embedding."""
+    import eval_niah
+    model = FastWeightLM(tiny_cfg())  # vocab_size 64
+    save_run(tmp_path / "small", model, make_optimizer(model, short_run()), 1, model.cfg, short_run(), "pretrain")
+    with pytest.raises(CheckpointError, match="vocabulary of 64 tokens, but the tokenizer has 8193"):
+        load_checkpoint(tmp_path / "small", vocab=8193)
+    assert load_checkpoint(tmp_path / "small", vocab=64)["step"] == 1  # enough rows
+    small = str(tmp_path / "small")
+    for main, argv in ((eval_niah.main, ["--ckpt", small, "--out", str(tmp_path / "eval.json")]),
+                       (tta.main, ["--ckpt", small, "--task", "s_niah"]),
+                       (train.main, ["--model", "deltanet", "--regime", "mid", "--init", small,
+                                     "--out", str(tmp_path / "mid")])):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "vocabulary of 64 tokens" in err and err.count("\n") == 1
+    assert not (tmp_path / "eval.json").exists() and not any((tmp_path / "mid").glob("*"))  # nothing written

@@ -1,0 +1,178 @@
+"""One prepared check of a device path (CUDA by default): does everything the CPU suite proves also hold there?
+
+The CPU test suite never sees a GPU. When one is available, this script runs the checks that matter there, each a
+comparison against a reference with a printed error, PASS/FAIL per line, exit status 1 if any fails:
+  1. the chunked delta rule equals the recurrence on the device (fp32 outputs, final state and all gradients; a
+     ragged last chunk), and bf16 inputs stay close to the fp32 result;
+  2. torch.compile(fullgraph=True) of the kernel equals eager on the device (skipped with --no-compile);
+  3. for DeltaNet and LaCT: the device's logits equal the CPU's, and streaming (prefill, then token by token) equals
+     one full pass on the device;
+  4. one REFINE step per mixer on the device, sampling with a generator on the device: finite metrics, finite
+     weights, and the weights move;
+  5. a checkpoint saved from the device loads on CPU with identical weights;
+  6. with --cli: the scripts end to end on the device (tiny pre-training, mid, post, TTT, eval_niah) in a scratch
+     folder, each exiting cleanly.
+
+    python bench/device_check.py                     # CUDA, checks 1-5 (a minute, most of it compiling)
+    python bench/device_check.py --cli               # plus the end-to-end scripts
+    python bench/device_check.py --device cpu --no-compile   # the same checks on CPU (what the test suite runs)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from refine_mini.common import load_checkpoint, make_generator, save_checkpoint  # noqa: E402
+from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
+from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
+from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
+from refine_mini.trainer import TrainConfig, make_optimizer, weights_finite  # noqa: E402
+
+SMALL = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_heads_fast=2, chunk_size=16, lact_chunk=16,
+             window=16)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in fp64 on CPU (fla's measure)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def kernel_inputs(device, dtype=torch.float32, T=300, seed=0):
+    """q, k (unit rows), v, beta, S0 drawn on CPU (the same numbers on every device), then moved; grads on."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(2, 4, T, 64, generator=g), dim=-1)
+    k = F.normalize(torch.randn(2, 4, T, 64, generator=g), dim=-1)
+    v, beta = torch.randn(2, 4, T, 64, generator=g), torch.rand(2, 4, T, generator=g)
+    S0 = torch.randn(2, 4, 64, 64, generator=g)
+    return [x.to(device, dtype if x is not S0 else torch.float32).requires_grad_() for x in (q, k, v, beta, S0)]
+
+
+def outputs_and_grads(kernel, xs, **kw):
+    """[o, final state, dq, dk, dv, dbeta, dS0] of a loss touching both outputs."""
+    o, S = kernel(*xs[:4], initial_state=xs[4], **kw)
+    grads = torch.autograd.grad(o.float().square().sum() + S.square().sum(), xs)
+    return [o, S, *grads]
+
+
+def check_kernel(device, compile_: bool):
+    ref = outputs_and_grads(delta_rule_recurrent, kernel_inputs(device))
+    chunked = outputs_and_grads(delta_rule_chunked, kernel_inputs(device), chunk_size=64)
+    yield "chunked == recurrent, fp32, T=300 (ragged last chunk), outputs and grads", \
+        max(rel(a, b) for a, b in zip(chunked, ref)), 1e-4
+    low = outputs_and_grads(delta_rule_chunked, kernel_inputs(device, torch.bfloat16), chunk_size=64)
+    yield "chunked bf16 inputs vs fp32 recurrence, outputs and final state", \
+        max(rel(a, b) for a, b in zip(low[:2], ref[:2])), 2e-2
+    if compile_:
+        compiled = torch.compile(delta_rule_chunked, fullgraph=True, dynamic=False)
+        got = outputs_and_grads(compiled, kernel_inputs(device), chunk_size=64)
+        yield "torch.compile(fullgraph=True) == eager, outputs and grads", \
+            max(rel(a, b) for a, b in zip(got, chunked)), 1e-4
+
+
+def check_models(device):
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 70), generator=torch.Generator().manual_seed(1))
+    for mixer in ("deltanet", "lact"):
+        torch.manual_seed(0)
+        cpu_model = FastWeightLM(ModelConfig(mixer=mixer, **SMALL)).eval()
+        model = FastWeightLM(ModelConfig(mixer=mixer, **SMALL)).eval().to(device)
+        model.load_state_dict(cpu_model.state_dict())
+        with torch.no_grad():
+            full = model(tokens.to(device))[0]
+            yield f"{mixer}: logits on {device} == logits on cpu", rel(full, cpu_model(tokens)[0]), 1e-4
+            logits, _, state = model(tokens[:, :37].to(device))  # prefill, then token by token
+            steps = [logits]
+            for t in range(37, tokens.shape[1]):
+                logits, _, state = model(tokens[:, t:t + 1].to(device), state)
+                steps.append(logits)
+            yield f"{mixer}: prefill + token-by-token decode == one full pass", rel(torch.cat(steps, 1), full), 1e-4
+
+
+def check_refine_step(device):
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 96), generator=torch.Generator().manual_seed(2)).to(device)
+    for mixer in ("deltanet", "lact"):
+        torch.manual_seed(0)
+        model = FastWeightLM(ModelConfig(mixer=mixer, **SMALL)).to(device)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+        metrics = refine_step(model, optimizer, tokens, RefineConfig(c=4, k=3), make_generator(0, torch.device(device)))
+        finite = all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values() if isinstance(v, (int, float)))
+        moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
+        ok = finite and weights_finite(model.state_dict()) and moved > 0
+        yield f"{mixer}: one REFINE step (generator on {device}): finite metrics and weights, weights moved " \
+              f"(max change {moved:.1e})", ok, None
+
+
+def check_checkpoint(device, folder: Path):
+    torch.manual_seed(0)
+    model = FastWeightLM(ModelConfig(mixer="deltanet", **SMALL)).to(device)
+    folder.mkdir()
+    save_checkpoint(folder / "ckpt.pt", {"model": model.state_dict(), "model_config": asdict(model.cfg)})
+    loaded = load_checkpoint(folder, expect_mixer="deltanet")  # map_location="cpu", weights_only=True
+    yield f"checkpoint saved on {device} loads on cpu with identical weights", \
+        max(rel(loaded["model"][k], v) for k, v in model.state_dict().items()), 0.0
+
+
+def check_cli(device, folder: Path):
+    """The scripts end to end on the device, tiny sizes; each must return normally."""
+    import eval_niah
+    import train
+    import tta
+    base = ["--device", device]
+    runs = [("pretrain", lambda: train.main(["--model", "deltanet", "--regime", "pretrain", "--out",
+                                             str(folder / "pre"), "--max-steps", "3", *base])),
+            ("mid", lambda: train.main(["--model", "deltanet", "--regime", "mid", "--init", str(folder / "pre"),
+                                        "--out", str(folder / "mid"), "--max-steps", "2", *base])),
+            ("post", lambda: train.main(["--model", "deltanet", "--regime", "post", "--init", str(folder / "pre"),
+                                         "--out", str(folder / "post"), "--max-steps", "2", *base])),
+            ("tta", lambda: tta.main(["--ckpt", str(folder / "post"), "--task", "s_niah", "--samples", "8", *base])),
+            ("eval_niah", lambda: eval_niah.main(["--runs", str(folder), "--samples", "1", "--out",
+                                                  str(folder / "eval.json"), *base]))]
+    for name, run in runs:
+        try:
+            run()
+            ok = True
+        except SystemExit as e:  # the scripts' one-line errors
+            ok = e.code == 0
+        yield f"cli: {name} on {device}", ok, None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Checks of a device path against references (see the docstring).")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
+    p.add_argument("--cli", action="store_true", help="also run the scripts end to end on the device")
+    args = p.parse_args(argv)
+    try:
+        device = str(torch.device(args.device))
+    except RuntimeError:
+        device = None
+    if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+        print(f"error: device {args.device!r} is not available here", file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""))
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        checks = [check_kernel(device, not args.no_compile), check_models(device), check_refine_step(device),
+                  check_checkpoint(device, Path(tmp) / "ckpt")] + ([check_cli(device, Path(tmp) / "cli")] if args.cli
+                                                                   else [])
+        for check in checks:
+            for name, value, tol in check:  # (name, error, limit), or (name, passed, None) for yes/no checks
+                ok = value if tol is None else value <= tol
+                failures += not ok
+                figure = "" if tol is None else f": {value:.1e} (limit {tol:.0e})"
+                print(f"  {'PASS' if ok else 'FAIL'}  {name}{figure}", flush=True)
+    print("all checks passed" if not failures else f"{failures} check(s) failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
