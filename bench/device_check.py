@@ -165,11 +165,15 @@ def main(argv=None) -> int:
                   check_checkpoint(device, Path(tmp) / "ckpt")] + ([check_cli(device, Path(tmp) / "cli")] if args.cli
                                                                    else [])
         for check in checks:
-            for name, value, tol in check:  # (name, error, limit), or (name, passed, None) for yes/no checks
-                ok = value if tol is None else value <= tol
-                failures += not ok
-                figure = "" if tol is None else f": {value:.1e} (limit {tol:.0e})"
-                print(f"  {'PASS' if ok else 'FAIL'}  {name}{figure}", flush=True)
+            try:
+                for name, value, tol in check:  # (name, error, limit), or (name, passed, None) for yes/no checks
+                    ok = value if tol is None else value <= tol
+                    failures += not ok
+                    figure = "" if tol is None else f": {value:.1e} (limit {tol:.0e})"
+                    print(f"  {'PASS' if ok else 'FAIL'}  {name}{figure}", flush=True)
+            except Exception as e:  # a crash fails this group of checks; the others still run
+                failures += 1
+                print(f"  FAIL  {check.__name__}: {type(e).__name__}: {' '.join(str(e).split())[:200]}", flush=True)
     print("all checks passed" if not failures else f"{failures} check(s) failed")
     return 1 if failures else 0
 

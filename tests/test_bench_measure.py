@@ -67,4 +67,11 @@ def test_the_device_check_passes_on_cpu_and_catches_a_wrong_kernel(monkeypatch, 
     monkeypatch.setattr(check, "delta_rule_chunked", off)
     assert check.main(["--device", "cpu", "--no-compile"]) == 1
     assert "FAIL  chunked == recurrent" in capsys.readouterr().out
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+    monkeypatch.setattr(check, "refine_step", crash)  # a crash fails its group; the groups after it still run
+    assert check.main(["--device", "cpu", "--no-compile"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  check_refine_step: RuntimeError: CUDA error" in out and "PASS  checkpoint saved on cpu" in out
     assert check.main(["--device", "tpu"]) == 2
