@@ -17,7 +17,9 @@ with a space or newline, so the concatenation equals what encode() gives for the
 length − |header| − |question| − |needles|. It is filled with whole filler sentences while they fit; the r tokens
 still missing are the last r tokens of one more sentence, placed FIRST (the haystack reads as if cut out of a longer
 text, mid-sentence). A needle goes to the sentence boundary nearest depth × (filler tokens), never before that
-fragment, so its token position is within one sentence of header + depth × budget.
+fragment, so its token position is within one sentence of header + depth × budget. The shortest length is
+min_length(task): the header, needles and question at their longest over every key and value the split can
+draw (textgen.max_tokens), so one up-front check covers every prompt a run will draw.
 Tasks (RULER defaults num_needle_k/v/q = 4): s_niah 1 needle; mk_niah 4 keys, 1 asked; mv_niah 1 key with 4 values,
 all asked; mq_niah 4 keys, all asked. The first needle sits at the requested depth, the others at uniform random
 depths. Haystacks: "noise" (RULER's five repeated sentences) and "essay" (our generated prose instead of Paul Graham
@@ -30,12 +32,14 @@ MK/MV/MQ variants use essay haystacks; eval_niah.py's default grid runs every ta
 or `--full` adds essays).
 """
 
+import functools
 import random
 from dataclasses import dataclass
 
 from refine_mini import qa
-from refine_mini.textgen import (NIAH_HEADER, Example, encode_cached, filler_sentence, format_answer, make_key,
-                                 make_value, needle_sentence, niah_question, split_code, unique)
+from refine_mini.textgen import (NIAH_HEADER, Example, encode_cached, filler_sentence, format_answer, longest_value,
+                                 make_key, make_value, max_tokens, needle_sentence, niah_question, split_code,
+                                 split_items, unique)
 
 
 @dataclass(frozen=True)
@@ -152,11 +156,37 @@ TASKS = {
 SCORERS = {name: (qa.score_qa if name.startswith("qa") else score_niah) for name in TASKS}
 
 
+@functools.lru_cache(maxsize=None)
+def min_length(task: str, split: str = "eval") -> int:
+    """The fewest tokens that hold every `task` prompt of `split`, whatever keys, values or entities are drawn: the
+    header, needles and question (NIAH) or the gold passages and question (QA) at their longest, no haystack."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    if task.startswith("qa"):
+        return qa.min_length(1 if task == "qa" else 2, split)
+    spec = NIAH_SPECS[task]
+    keys = [f"k{i}" for i in range(spec.n_keys)]
+    values = [f"v{i}" for i in range(spec.n_keys * spec.n_values)]
+    pairs = [(keys[0], v) for v in values] if spec.n_values > 1 else list(zip(keys, values))
+    pieces = [NIAH_HEADER, *(needle_sentence("{" + k + "}", "{" + v + "}") for k, v in pairs),
+              niah_question(["{" + k + "}" for k in keys[:spec.n_queries]], multi_value=spec.n_values > 1)]
+    slots = {k: split_items("key", split) for k in keys} | {v: [longest_value(split)] for v in values}
+    return max_tokens(pieces, slots)
+
+
+def check_length(task: str, length: int, split: str = "eval") -> None:
+    """Raise ValueError (one line) unless every `task` prompt of `split` fits in `length` tokens."""
+    need = min_length(task, split)
+    if length < need:
+        raise ValueError(f"length {length} is too short for task {task}: its prompts need at least {need} tokens")
+
+
 def make_example(task: str, length: int, depth: float, rng: random.Random, split: str = "eval",
                  haystack: str = "noise") -> Example:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
     split_code(split)  # validates the split name
+    check_length(task, length, split)
     return TASKS[task](length, depth, rng, split, haystack)
 
 

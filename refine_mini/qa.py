@@ -27,9 +27,11 @@ founder) and that founder's person passage; both are gold passages (needle_token
 
 Exact length: the gold passages plus as many distractor passages (other people, other companies, all from the same
 split) as fit; the tokens still missing (fewer than one passage, until the split's people run out at long lengths)
-are prose filler (tail fragment of a sentence, then whole sentences) appended after the last passage. The first gold passage sits at passage index round(depth × #distractors);
-the second (two-hop) at a random index. Score (ReFINE/RULER QA): the output before its first newline, stripped; 1 if
-any gold answer is a case-insensitive substring of it, else 0.
+are prose filler (tail fragment of a sentence, then whole sentences) appended after the last passage. min_length
+gives the shortest length that holds every prompt (gold passages and question at their longest). The first gold
+passage sits at passage index round(depth × #distractors); the second (two-hop) at a random index.
+Score (ReFINE/RULER QA): the output before its first newline, stripped; 1 if any gold answer is a case-insensitive
+substring of it, else 0.
 Deviations: synthetic entities and templated passages instead of SQuAD/HotpotQA paragraphs; our tokenizer; entities
 (people, cities, companies) are partitioned by split (textgen.py), so eval answers never occur in training text.
 Known wart, measured and left: when the filler's tail fragment starts with punctuation (e.g. "." after a passage's
@@ -42,17 +44,29 @@ right under the substring rule; the same holds for the official metric on real d
 reason.
 """
 
+import functools
 import random
 
-from refine_mini.textgen import (JOBS, QA_INSTRUCTION, Example, company_passage, encode_cached, make_city,
-                                 make_company, make_person, person_passage, prose_sentence, qa_question, unique)
+from refine_mini.textgen import (COMPANY_PASSAGES, JOBS, PERSON_PASSAGES, QA_INSTRUCTION, Example, company_passage,
+                                 encode_cached, make_city, make_company, make_person, max_tokens, person_passage,
+                                 prose_sentence, qa_question, split_items, unique)
 
 QA_PREFIX = QA_INSTRUCTION + "\n\nThe following are given passages.\n"
+QUESTIONS = ("Where was {name} born?", "Which company does {name} work for?")  # one-hop: city / employer
+QUESTION_2HOP = "Where was the founder of {company} born?"
 MAX_NEW_TOKENS = 32  # ReFINE's TTT demo decodes ≤ 32 tokens for every task
 
 
+def _header_text(i: int) -> str:
+    return f"\nPassage {i}:\n"
+
+
 def _header(i: int) -> tuple[int, ...]:
-    return encode_cached(f"\nPassage {i}:\n")
+    return encode_cached(_header_text(i))
+
+
+def _suffix_text(question: str) -> str:
+    return "\n\n" + QA_INSTRUCTION + "\n" + qa_question(question)
 
 
 class _World:
@@ -103,18 +117,16 @@ def make_qa_example(length: int, depth: float, rng: random.Random, split: str = 
     if hops == 1:
         text, employer = w.person_text(name, city)
         gold = [text]
-        if rng.randrange(2) == 0:
-            question, answer = f"Where was {name} born?", city
-        else:
-            question, answer = f"Which company does {name} work for?", employer
+        q = rng.randrange(2)
+        question, answer = QUESTIONS[q].format(name=name), (city, employer)[q]
     elif hops == 2:
         company = w.company()
         gold = [w.company_text(company, name, make_city(rng, split)), w.person_text(name, city)[0]]
-        question, answer = f"Where was the founder of {company} born?", city
+        question, answer = QUESTION_2HOP.format(company=company), city
     else:
         raise ValueError(f"hops must be 1 or 2, got {hops}")
     prefix = encode_cached(QA_PREFIX)
-    suffix = encode_cached("\n\n" + QA_INSTRUCTION + "\n" + qa_question(question))
+    suffix = encode_cached(_suffix_text(question))
     bodies = [encode_cached(g) for g in gold]
     used = len(prefix) + len(suffix) + sum(len(_header(i + 1)) + len(b) for i, b in enumerate(bodies))
     if used > length:
@@ -147,6 +159,24 @@ def make_qa_example(length: int, depth: float, rng: random.Random, split: str = 
     assert len(ids) == length, (len(ids), length)
     task = "qa" if hops == 1 else "qa_2hop"
     return Example(ids, [answer], task, length, depth, [starts[g] for g in gold_idx], MAX_NEW_TOKENS, f" {answer}\n")
+
+
+@functools.lru_cache(maxsize=None)
+def min_length(hops: int, split: str = "eval") -> int:
+    """The fewest tokens that hold every prompt make_qa_example can draw from `split`: prefix, gold passage(s) with
+    their headers, and the question block, for the longest entities and the longest phrasing (textgen.max_tokens)."""
+    cities, companies = split_items("city", split), split_items("company", split)
+    slots = {"name": split_items("person", split), "city": cities, "job": list(JOBS), "employer": companies}
+    people = [t.format(name="{name}", city="{city}", job="{job}", company="{employer}") for t in PERSON_PASSAGES]
+    if hops == 1:
+        variants = [([p], q) for p in people for q in QUESTIONS]
+    else:  # gold = [company passage (its founder is the person), person passage]; the question names the company
+        slots |= {"company": companies, "city2": cities, "year": [str(y) for y in range(1850, 2020)]}
+        firms = [t.format(company="{company}", founder="{name}", city="{city2}", year="{year}")
+                 for t in COMPANY_PASSAGES]
+        variants = [([c, p], QUESTION_2HOP) for c in firms for p in people]
+    return max(max_tokens([QA_PREFIX, *(x for i, b in enumerate(bodies) for x in (_header_text(i + 1), b)),
+                           _suffix_text(q)], slots) for bodies, q in variants)
 
 
 def _prose_filler(rng: random.Random, n: int) -> list[int]:

@@ -149,6 +149,49 @@ def is_split_value(value: str, split: str) -> bool:
     return len(value) == 7 and int(value) % 3 == split_code(split)
 
 
+_PARTS = {"key": (ADJECTIVES, NOUNS, "-"), "person": (FIRST_NAMES, LAST_NAMES, " "),
+          "city": (CITY_PREFIXES, CITY_SUFFIXES, ""), "company": (COMPANY_ROOTS, COMPANY_KINDS, " ")}
+VALUE_MAX_TOKENS = 5  # most tokens " n" takes over the 7-digit values n of any split (a slow test enumerates all)
+
+
+def split_items(kind: str, split: str) -> list[str]:
+    """Every key, person, city or company that `split` can draw (make_key & co.), in index order."""
+    a, b, sep = _PARTS[kind]
+    code = split_code(split)
+    return [x + sep + y for i, x in enumerate(a) for j, y in enumerate(b) if (i + j) % 3 == code]
+
+
+def longest_value(split: str) -> str:
+    """The first value of `split` whose " value" takes VALUE_MAX_TOKENS tokens (the most any value takes)."""
+    code = split_code(split)
+    for n in range(333_334, 3_333_333):  # a few hundred steps at most: a quarter of all values take 5 tokens
+        value = str(3 * n + code)
+        if len(encode(" " + value)) == VALUE_MAX_TOKENS:
+            return value
+    raise AssertionError(f"no value of split {split!r} takes {VALUE_MAX_TOKENS} tokens")
+
+
+def max_tokens(pieces: list[str], slots: dict[str, list[str]]) -> int:
+    """The most tokens `pieces` (each encoded on its own, counts summed) can take when each "{slot}" in them is
+    replaced by any one of its candidates.
+
+    Counted at every slot's first candidate, plus each slot's largest gain over its first. That is the maximum over
+    all joint choices because a slot's token count does not depend on the other slots: GPT-2's pre-tokeniser cuts
+    the text before every space-led word and around punctuation, BPE never merges across a cut, and every slot in
+    the task templates starts a word and ends before a space or punctuation (tests check it on drawn prompts)."""
+    def count(choice: dict, only: str | None = None) -> int:
+        total = 0
+        for piece in pieces:
+            if only is None or "{" + only + "}" in piece:
+                for name, value in choice.items():
+                    piece = piece.replace("{" + name + "}", value)
+                total += len(encode(piece))
+        return total
+    base = {name: cands[0] for name, cands in slots.items()}
+    return count(base) + sum(max(count({**base, name: c}, name) for c in cands) - count(base, name)
+                             for name, cands in slots.items())
+
+
 # ---- surface forms --------------------------------------------------------------------------------------------
 
 def needle_sentence(key: str, value: str) -> str:
@@ -180,20 +223,23 @@ def format_answer(values: list[str]) -> str:
     return " " + ", ".join(values) + "\n"
 
 
+PERSON_PASSAGES = (  # facts about one person, in three phrasings (every task accepts any of them)
+    "{name} was born in {city}. {name} works as a {job} at {company}.",
+    "Born in {city}, {name} later became a {job}. Today {name} works at {company}.",
+    "{name} is a {job} at {company}. The home town of {name} is {city}, where {name} was born.",
+)
+COMPANY_PASSAGES = (
+    "{company} was founded by {founder} in {year}. The company is based in {city}.",
+    "In {year}, {founder} founded {company}, a company based in {city}.",
+)
+
+
 def person_passage(rng: random.Random, name: str, city: str, job: str, company: str) -> str:
-    """Facts about one person, in one of three phrasings (all tasks accept any of them)."""
-    v = rng.randrange(3)
-    if v == 0:
-        return f"{name} was born in {city}. {name} works as a {job} at {company}."
-    if v == 1:
-        return f"Born in {city}, {name} later became a {job}. Today {name} works at {company}."
-    return f"{name} is a {job} at {company}. The home town of {name} is {city}, where {name} was born."
+    return PERSON_PASSAGES[rng.randrange(3)].format(name=name, city=city, job=job, company=company)
 
 
 def company_passage(rng: random.Random, company: str, founder: str, city: str, year: int) -> str:
-    if rng.randrange(2) == 0:
-        return f"{company} was founded by {founder} in {year}. The company is based in {city}."
-    return f"In {year}, {founder} founded {company}, a company based in {city}."
+    return COMPANY_PASSAGES[rng.randrange(2)].format(company=company, founder=founder, city=city, year=year)
 
 
 def qa_question(question: str) -> str:

@@ -1,4 +1,4 @@
-"""Long-sequence versions of the core invariants (excluded by default: run with `python -m pytest -m slow`)."""
+"""Long-sequence invariants and exhaustive checks (excluded by default: run with `python -m pytest -m slow`)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +69,14 @@ def test_inductor_compiles_the_chunked_kernel_whole():
     (o1, h1, g1), (o2, h2, g2) = results
     assert rel(o1, o2) < 1e-5 and rel(h1, h2) < 1e-5
     assert all(rel(a, b) < 1e-5 for a, b in zip(g1, g2))
+
+
+def test_no_value_takes_more_than_value_max_tokens():
+    """All nine million 7-digit values (every split's): " n" takes at most VALUE_MAX_TOKENS tokens, the figure that
+    niah.min_length assumes for a needle's value (~1-2 min on 2 cores)."""
+    from refine_mini.textgen import VALUE_MAX_TOKENS
+    from refine_mini.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    for start in range(1_000_000, 10_000_000, 250_000):
+        ids = enc.encode_ordinary_batch([f" {n}" for n in range(start, start + 250_000)], num_threads=2)
+        assert max(map(len, ids)) <= VALUE_MAX_TOKENS, start
