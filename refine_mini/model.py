@@ -215,8 +215,11 @@ class FastWeightLM(nn.Module):
 
         Never re-encodes the prefix: each step feeds one token and the state. temperature 0 is greedy.
         Decoding ends early once every row has emitted one of `stop_tokens` (later tokens of finished rows are
-        still produced, and callers cut at the first stop token). Returns (new tokens (B, N), final ModelState).
+        still produced, and callers cut at the first stop token). Returns (new tokens (B, N), ModelState): the state
+        has read the prompt and every new token but the last, which is sampled and never fed (feed it to go on).
         """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         logits, _, state = self(prompt, state)
         out = []
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)

@@ -126,6 +126,12 @@ def test_generate_returns_the_state_before_its_last_token(mixer):
     torch.testing.assert_close(continued, scratch, atol=1e-10, rtol=1e-10)
 
 
+def test_generate_refuses_a_budget_below_one_token():
+    """max_new_tokens 0 is a one-line ValueError (it used to be torch.stack's 'non-empty TensorList')."""
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        tiny("deltanet").generate(torch.randint(0, 64, (2, 5)), 0, temperature=0)
+
+
 def test_optimizer_decays_exactly_the_matrices_and_uses_the_configured_betas():
     """Group 0: every >=2-D parameter, weight_decay = cfg's; group 1: every 1-D one (norm gains...), no decay."""
     model = tiny("lact")
