@@ -265,7 +265,7 @@ def test_dynamo_no_graph_break():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, None])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, None, True])
 def test_bad_chunk_size_raises(bad):
     """chunk_size < 1 (or not an int) raises ValueError; so does an empty sequence."""
     q, k, v, b, _ = inputs(1, 1, 5, 2, 2)
