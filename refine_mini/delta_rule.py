@@ -20,7 +20,7 @@ Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different sc
   over chunks for the state gradient, all other matmuls batched over chunks. It saves T, W, M, U' and h_n
   (about 5x the output o, plus the inputs) instead of recomputing them as fla does. When no backward can follow
   (grad mode off, or no input requires grad) nothing is saved and T, W are freed once used: the forward's peak
-  tensor memory is then 4x o instead of 6x (bench/kernels.py measures both).
+  tensor memory is then 4x o instead of 6x at Dk = Dv = C (bench/kernels.py measures both; C > Dk costs more).
   `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd, with the blocked-doubling
   inverse `unit_lower_inverse`) is kept as its test oracle.
 - fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs; fla stores U' and states in the input dtype.
@@ -148,7 +148,7 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     qz, kz (Z,C,Dk), vz (Z,C,Dv), bz (Z,C,1), h (BH,Dk,Dv) with Z = BH·N, the N chunks of one head consecutive.
     Returns o (Z,C,Dv), the final state (BH,Dk,Dv) and what the backward needs, (T, W, M, U', h_n). With
     for_backward=False, T and W are let go as soon as they are used (None in that tuple): the forward's peak memory
-    falls from 6x to 4x the output's.
+    falls from 6x to 4x the output's (at Dk = Dv = C; T and M are C×C per chunk, o is C×Dv).
     """
     Z, C, Dk = kz.shape
     BH, _, Dv = h.shape
