@@ -73,10 +73,19 @@ def test_inductor_compiles_the_chunked_kernel_whole():
 
 def test_no_value_takes_more_than_value_max_tokens():
     """All nine million 7-digit values (every split's): " n" takes at most VALUE_MAX_TOKENS tokens, the figure that
-    niah.min_length assumes for a needle's value (~1-2 min on 2 cores)."""
+    niah.min_length assumes for a needle's value. Encoded a million at a time as "\n n\n n...": the pre-tokeniser
+    cuts before each " n" and "\n" is always token 198, so the ids between two 198s are exactly encode(" n")'s."""
+    import numpy as np
     from refine_mini.textgen import VALUE_MAX_TOKENS
-    from refine_mini.tokenizer import get_tokenizer
-    enc = get_tokenizer()
-    for start in range(1_000_000, 10_000_000, 250_000):
-        ids = enc.encode_ordinary_batch([f" {n}" for n in range(start, start + 250_000)], num_threads=2)
-        assert max(map(len, ids)) <= VALUE_MAX_TOKENS, start
+    from refine_mini.tokenizer import encode, get_tokenizer
+    enc, newline = get_tokenizer(), 198
+    assert encode("\n") == [newline]
+    longest = 0
+    for start in range(1_000_000, 10_000_000, 1_000_000):
+        ids = np.array(enc.encode_ordinary("".join(f"\n {n}" for n in range(start, start + 1_000_000))))
+        cuts = np.flatnonzero(ids == newline)
+        assert len(cuts) == 1_000_000  # one newline token per value: no merge across the cut
+        counts = np.diff(np.append(cuts, len(ids))) - 1  # (1_000_000,) tokens of each " n"
+        assert [len(encode(f" {n}")) for n in range(start, start + 500)] == counts[:500].tolist()
+        longest = max(longest, int(counts.max()))
+    assert longest == VALUE_MAX_TOKENS
