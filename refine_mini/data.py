@@ -66,8 +66,18 @@ class _Writer:
 
 
 def _stream_document(rng: random.Random, n_tokens: int, split: str, header: bool = True, used=()) -> str:
-    """Filler interleaved with needles, entity passages and questions; keys and names are unique in a document."""
+    """Filler interleaved with needles, entity passages and questions; keys and names are unique in a document
+    (once a very long document has used up its split's keys or names, filler takes their place)."""
     w, style, used = _Writer(), rng.choice(["noise", "essay"]), set(used)
+
+    def fresh(make):  # a key or name this document has not used yet; None once the split's pool is spent
+        try:
+            x = unique(rng, make, split, 1, used)[0]
+        except ValueError:
+            return None
+        used.add(x)
+        return x
+
     if header and rng.random() < 0.5:
         w.add(NIAH_HEADER)
     facts = []  # unasked facts, oldest first: (question text, answers, key or None)
@@ -88,22 +98,18 @@ def _stream_document(rng: random.Random, n_tokens: int, split: str, header: bool
                     mv_key = None
                 w.add(q)
                 w.add(format_answer(answers))
-        elif r < 0.3:  # needle
-            k, v = unique(rng, make_key, split, 1, used)[0], make_value(rng, split)
-            used.add(k)
+        elif r < 0.3 and (k := fresh(make_key)):  # needle
+            v = make_value(rng, split)
             w.add(needle_sentence(k, v))
             facts.append((niah_question([k]), [v], k))
-        elif r < 0.37:  # multi-value needle: one key, values spread over the document
-            if mv_key is None or len(mv_values) >= 4:
-                mv_key, mv_values = unique(rng, make_key, split, 1, used)[0], []
-                used.add(mv_key)
+        elif r < 0.37 and ((mv_key is not None and len(mv_values) < 4) or (key := fresh(make_key))):  # MV needle:
+            if mv_key is None or len(mv_values) >= 4:  # a value of the open key, or a new key (values spread out)
+                mv_key, mv_values = key, []
                 facts.append((niah_question([mv_key], multi_value=True), mv_values, None))
             mv_values.append(make_value(rng, split))
             w.add(needle_sentence(mv_key, mv_values[-1]))
-        elif r < 0.44:  # entity passage: two askable facts
-            name = unique(rng, make_person, split, 1, used)[0]
+        elif r < 0.44 and (name := fresh(make_person)):  # entity passage: two askable facts
             city, company = make_city(rng, split), make_company(rng, split)
-            used.add(name)
             w.add(" " + person_passage(rng, name, city, rng.choice(JOBS), company))
             facts.append((qa_question(f"Where was {name} born?"), [city], None))
             facts.append((qa_question(f"Which company does {name} work for?"), [company], None))

@@ -43,8 +43,8 @@ from refine_mini.grpo import group_advantages, group_ids, ppo_clip_loss
 from refine_mini.rewards import REWARDS, compute_rewards
 from refine_mini.rollout import (Rollouts, document_forward, log_probs, recorded_forward, rollout_logp,
                                  rollouts_forked, sample_rollouts)
-from refine_mini.selection import (MODES, Selection, entropy_from_logits, pad_documents, select_positions,
-                                  teacher_forced_pass)
+from refine_mini.selection import (MODES, Selection, check_document_length, entropy_from_logits, pad_documents,
+                                  select_positions, teacher_forced_pass)
 from refine_mini.trainer import IGNORE, clip_and_step
 
 
@@ -79,6 +79,10 @@ class RefineConfig:
             raise ValueError("c, k, n and minibatches must all be >= 1")
         if not (0 <= self.lambda_ntp < float("inf") and 0 <= self.lambda_rl < float("inf")):
             raise ValueError(f"lambda_ntp and lambda_rl must be finite and >= 0, got {self.lambda_ntp}, {self.lambda_rl}")
+
+    def check_length(self, length: int) -> None:
+        """Raise ValueError unless c prefix ends, each followed by k rollout tokens, fit a `length`-token document."""
+        check_document_length(length, self.c, self.k, self.min_prefix, self.end_margin)
 
 
 def as_documents(tokens) -> list[torch.Tensor]:

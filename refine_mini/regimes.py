@@ -17,18 +17,18 @@ method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per 
 
 Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant LR, no warm-up, grad-norm clip 1.0.
 Deviation: the paper's LR is 1e-6 (0.76-1.3B models); our ~2M-parameter models (peak LR 3e-3, cosine to 3e-4) would
-not move in tens of steps. Mid-training uses 1e-4 (1/3 of the last pre-training LR), post-training 3e-5: it teaches
-no new format (half the pre-training documents are task prompts with answers), and larger LRs undo the base (README
-"What to expect": MV-NIAH 56 % -> 19-28 % at 3e-4). Both: --lr.
+not move in tens of steps. Mid-training uses 1e-4 (1/3 of the last pre-training LR), post-training 3e-5 (--lr): it
+teaches no new format (half the pre-training documents are task prompts with answers), and larger LRs undo the base
+("What to expect" in the README: MV-NIAH 56 % -> 19-28 % at 3e-4).
 
 Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
 opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns; in mid-training
-every val_every-th batch's last line also holds val_loss and val_sampled_acc, method.md §3), ckpt.pt (atomic,
-every ckpt_every batches and at the end). A non-finite loss raises FloatingPointError before anything is saved, so
-the last good checkpoint survives. Resume (--resume) is exact on CPU: every batch and every rollout sampler is
-seeded by (seed, step), and the checkpoint holds model, optimizer, step and RNG states.
+every val_every-th batch's last line also holds val_loss and val_sampled_acc, method.md §3), ckpt.pt (atomic, every
+ckpt_every batches and at the end). A non-finite loss stops the run before it saves. Resume (--resume) is exact on
+CPU: every batch and rollout sampler is seeded by (seed, step); the checkpoint holds model, optimizer, step, RNGs.
 """
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -168,8 +168,6 @@ def base_checkpoint(args, device) -> Path:
         return Path(args.init)
     base = Path("runs") / f"{args.model}-pretrain"
     if not (base / "ckpt.pt").exists():
-        import argparse
-
         import train  # the CLI's own pre-training entry, so the base is exactly what --regime pretrain makes
         print(f"no --init and no base checkpoint at {base}/ckpt.pt: pre-training the base model first "
               f"(as python train.py --model {args.model} --regime pretrain)")
@@ -203,6 +201,8 @@ class Run:
         self.model = model_from_checkpoint(ckpt, device).train()
         self.optimizer = make_optimizer(self.model, cfg)  # AdamW (β1, β2), decay on matrices, constant LR
         self.rcfg = refine_config(dict(cfg.refine))
+        if cfg.objective == "refine":  # c prefix ends, each with k rollout tokens after it, in one document or prompt
+            self.rcfg.check_length(cfg.seq_len)
         self.step, self.opt_steps, self.skipped, self.extra = 0, 0, 0, {}
         if resume:
             self.optimizer.load_state_dict(ckpt["optimizer"])

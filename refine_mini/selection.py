@@ -117,6 +117,14 @@ def edge_clamp(length: int, k: int, min_prefix: int | None = None,
     return lo, hi
 
 
+def check_document_length(length: int, c: int, k: int, min_prefix: int | None = None,
+                          end_margin: int | None = None) -> None:
+    """Raise ValueError (one line) unless select_positions can place c prefix ends in a `length`-token document."""
+    if length < c:
+        raise ValueError(f"documents of {length} tokens cannot be cut into c={c} chunks")
+    edge_clamp(length, k, min_prefix, end_margin)
+
+
 def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: int, mode: str = "entropy",
                      tau: float = 1.0, kernel: int | None = None, generator: torch.Generator | None = None,
                      min_prefix: int | None = None, end_margin: int | None = None) -> Selection:

@@ -176,3 +176,16 @@ def test_split_and_corpus_errors(tmp_path):
         data.make_corpus(str(p), seq_len=512)
     with pytest.raises(ValueError, match="mode"):
         data.make_corpus(str(p), seq_len=4, mode="shuffle")
+
+
+def test_a_document_longer_than_its_splits_pools_uses_each_key_once_then_filler():
+    """150K tokens need more needles than the val split has keys (1080): every key is used, none for two facts (a
+    multi-value key holds at most 4 values), and the rest is filler, not the old 'cannot draw' crash."""
+    from refine_mini.textgen import split_items
+    doc = data._stream_document(random.Random(2), 150_000, "val")
+    assert len(encode(doc)) >= 150_000
+    per_key = {}
+    for key, _ in NEEDLE.findall(doc):
+        per_key[key] = per_key.get(key, 0) + 1
+    assert sorted(per_key) == sorted(split_items("key", "val")) and max(per_key.values()) <= 4
+    assert all(is_split_key(key, "val") for key in per_key)

@@ -72,16 +72,21 @@ def test_a_fresh_run_into_a_run_folder_is_refused_and_leaves_it_untouched(tmp_pa
 
 
 def test_a_run_that_fails_on_its_inputs_writes_nothing_even_with_overwrite(tmp_path, tiny_ckpt, capsys):  # noqa: F811
-    """mid with an empty corpus, post with a length a training task cannot fit: both checked before any write."""
+    """mid with an empty corpus, post with a length a training task cannot fit, c chunks or k-token rollouts that a
+    document cannot hold: all checked before any write."""
     (tmp_path / "empty.txt").write_text("")
-    for regime, extra, message in (("mid", ["--data", str(tmp_path / "empty.txt")], "empty"),
-                                   ("post", ["--seq-len", "100"], "does not fit task")):
-        files = fake_run_folder(tmp_path / regime)
+    for i, (regime, extra, message) in enumerate((
+            ("mid", ["--data", str(tmp_path / "empty.txt")], "empty"),
+            ("post", ["--seq-len", "100"], "does not fit task"),
+            ("mid", ["--seq-len", "64", "--c", "65"], "documents of 64 tokens cannot be cut into c=65 chunks"),
+            ("mid", ["--seq-len", "64", "--k", "64"], "too short for min_prefix=1, end_margin=64"),
+            ("post", ["--k", "512"], "too short for min_prefix=1, end_margin=512"))):
+        files = fake_run_folder(tmp_path / str(i))
         with pytest.raises(SystemExit) as e:
             train.main(["--model", "deltanet", "--regime", regime, "--init", str(tiny_ckpt), "--overwrite",
-                        "--out", str(tmp_path / regime), *extra])
+                        "--out", str(tmp_path / str(i)), *extra])
         assert e.value.code == 2 and message in capsys.readouterr().err.lower()
-        assert {name: (tmp_path / regime / name).read_bytes() for name in files} == files
+        assert {name: (tmp_path / str(i) / name).read_bytes() for name in files} == files
 
 
 def test_resume_drops_the_lines_logged_after_the_checkpoint(tmp_path):
