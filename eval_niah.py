@@ -96,7 +96,9 @@ def resolve_runs(args, device) -> list:
     runs = []
     for path in paths:
         if path.is_dir() and not (path / "ckpt.pt").is_file():
-            fail(f"run folder {path} holds no ckpt.pt (train it first, or pass the checkpoint file)")
+            inside = find_runs(path)  # a folder of runs (runs/ itself): --runs is the flag for that
+            fail(f"{path} is a folder of {len(inside)} run(s); evaluate them all with --runs {path}" if inside else
+                 f"run folder {path} holds no ckpt.pt (train it first, or pass the checkpoint file)")
         try:
             runs.append(load_run(path, device))
         except CheckpointError as e:

@@ -86,6 +86,7 @@ def _bad_inputs(tmp_path):
         "missing checkpoint": (["--ckpt", str(tmp_path / "nope.pt")], "not found"),
         "corrupted checkpoint": (["--ckpt", str(tmp_path / "bad.pt")], "corrupted"),
         "run folder without ckpt.pt": (["--ckpt", str(tmp_path / "empty")], "no ckpt.pt"),
+        "a folder of runs as --ckpt": (["--ckpt", str(tmp_path)], f"of 1 run(s); evaluate them all with --runs"),
         "no runs at all": (["--runs", str(tmp_path / "empty")], "python train.py --model deltanet"),
         "unknown task": (["--ckpt", str(run), "--tasks", "haystack_soup"], "unknown task"),
         "non-positive length": (["--ckpt", str(run), "--lengths", "0"], "positive"),
@@ -95,8 +96,8 @@ def _bad_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupted checkpoint", "run folder without ckpt.pt",
-                                  "no runs at all", "unknown task", "non-positive length", "depth outside [0, 1]",
-                                  "length too short for the task"])
+                                  "a folder of runs as --ckpt", "no runs at all", "unknown task",
+                                  "non-positive length", "depth outside [0, 1]", "length too short for the task"])
 def test_bad_input_is_a_one_line_error_with_status_2_and_keeps_old_results(tmp_path, capsys, case):
     argv, message = _bad_inputs(tmp_path)[case]
     out = tmp_path / "old.json"
