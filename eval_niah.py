@@ -261,7 +261,7 @@ def main(argv=None) -> dict:
             run_cells, record = evaluate_run(run, plan, grid, args, device)
             cells += run_cells
             records.append(record)
-    except ValueError as e:  # a task generator that cannot build an example (e.g. entity pool exhausted)
+    except (ValueError, FloatingPointError) as e:  # a prompt that cannot be built; a model whose logits are NaN
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", code=130)

@@ -221,6 +221,8 @@ class FastWeightLM(nn.Module):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         logits, _, state = self(prompt, state)
+        if not bool(torch.isfinite(logits[:, -1]).all()):  # once per call: greedy argmax would hide it
+            raise FloatingPointError("non-finite logits after the prompt (NaN or inf weights or activations)")
         out = []
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         stops = torch.tensor(stop_tokens, dtype=torch.long, device=prompt.device)  # (S,)

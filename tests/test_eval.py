@@ -80,24 +80,30 @@ def test_several_runs_are_compared_side_by_side_in_one_table(tmp_path, capsys):
 
 def _bad_inputs(tmp_path):
     run = save_tiny_run(tmp_path / "good")
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["model"]["final_norm.weight"].fill_(torch.finfo(torch.float32).max)  # finite, but the logits overflow
+    (tmp_path / "overflow").mkdir()
+    save_checkpoint(tmp_path / "overflow" / "ckpt.pt", ckpt)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.pt").write_bytes(b"this is not a checkpoint")
     return {
         "missing checkpoint": (["--ckpt", str(tmp_path / "nope.pt")], "not found"),
         "corrupted checkpoint": (["--ckpt", str(tmp_path / "bad.pt")], "corrupted"),
         "run folder without ckpt.pt": (["--ckpt", str(tmp_path / "empty")], "no ckpt.pt"),
-        "a folder of runs as --ckpt": (["--ckpt", str(tmp_path)], f"of 1 run(s); evaluate them all with --runs"),
+        "a folder of runs as --ckpt": (["--ckpt", str(tmp_path)], "run(s); evaluate them all with --runs"),
         "no runs at all": (["--runs", str(tmp_path / "empty")], "python train.py --model deltanet"),
         "unknown task": (["--ckpt", str(run), "--tasks", "haystack_soup"], "unknown task"),
         "non-positive length": (["--ckpt", str(run), "--lengths", "0"], "positive"),
         "depth outside [0, 1]": (["--ckpt", str(run), "--depths", "1.5"], "[0, 1]"),
         "length too short for the task": (["--ckpt", str(run), "--lengths", "20"], "too short"),
+        "weights whose logits overflow": (["--ckpt", str(tmp_path / "overflow"), *QUICK], "non-finite logits"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "corrupted checkpoint", "run folder without ckpt.pt",
                                   "a folder of runs as --ckpt", "no runs at all", "unknown task",
-                                  "non-positive length", "depth outside [0, 1]", "length too short for the task"])
+                                  "non-positive length", "depth outside [0, 1]", "length too short for the task",
+                                  "weights whose logits overflow"])
 def test_bad_input_is_a_one_line_error_with_status_2_and_keeps_old_results(tmp_path, capsys, case):
     argv, message = _bad_inputs(tmp_path)[case]
     out = tmp_path / "old.json"

@@ -132,6 +132,18 @@ def test_generate_refuses_a_budget_below_one_token():
         tiny("deltanet").generate(torch.randint(0, 64, (2, 5)), 0, temperature=0)
 
 
+def test_generate_refuses_non_finite_logits_also_when_greedy():
+    """Finite weights whose activations overflow (a learning rate far too large) give NaN logits: greedy argmax
+    would turn them into a silent score of 0, so generate raises instead, at any temperature."""
+    model = tiny("deltanet")
+    with torch.no_grad():
+        model.final_norm.weight.fill_(torch.finfo(model.final_norm.weight.dtype).max)  # finite weights...
+        model.embed.weight.mul_(1e3)  # ... whose logits (hidden · embedding) overflow to inf
+    for temperature in (0, 1.0):
+        with pytest.raises(FloatingPointError, match="non-finite logits"):
+            model.generate(torch.randint(0, 64, (2, 5)), 3, temperature=temperature)
+
+
 def test_optimizer_decays_exactly_the_matrices_and_uses_the_configured_betas():
     """Group 0: every >=2-D parameter, weight_decay = cfg's; group 1: every 1-D one (norm gains...), no decay."""
     model = tiny("lact")
