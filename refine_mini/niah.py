@@ -174,11 +174,13 @@ def min_length(task: str, split: str = "eval") -> int:
     return max_tokens(pieces, slots)
 
 
-def check_length(task: str, length: int, split: str = "eval") -> None:
-    """Raise ValueError (one line) unless every `task` prompt of `split` fits in `length` tokens."""
+def check_length(task: str, length: int, split: str = "eval", name: str = "length") -> None:
+    """Raise ValueError (one line, naming the length `name`) unless every `task` prompt of `split` fits in `length`
+    tokens."""
     need = min_length(task, split)
     if length < need:
-        raise ValueError(f"length {length} is too short for task {task}: its prompts need at least {need} tokens")
+        raise ValueError(f"{name} {length} is too short for task {task}: its {split}-split prompts need at least "
+                         f"{need} tokens")
 
 
 def make_example(task: str, length: int, depth: float, rng: random.Random, split: str = "eval",

@@ -135,10 +135,7 @@ def run_post(args, cfg: RegimeConfig, out: Path, device) -> dict:
     run = Run(args, cfg, out, device)
     for split, tasks in (("train", cfg.train_tasks), ("eval", cfg.eval_tasks)):  # fail now, not at some step
         for task in tasks:
-            need = niah.min_length(task, split)
-            if cfg.seq_len < need:
-                raise ValueError(f"--seq-len {cfg.seq_len} does not fit task {task}: its {split}-split prompts need "
-                                 f"at least {need} tokens")
+            niah.check_length(task, cfg.seq_len, split, name="--seq-len")
     run.start()  # only now, with every input checked, is anything in `out` written
     inner = {"refine": "refine", "nested-sft": "ntp", "sft": None}[cfg.objective]
     sft_steps = 1 if inner else steps_per_batch(run.rcfg, cfg.batch_size) + 1  # sft: REFINE's step count

@@ -139,9 +139,8 @@ def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: in
     smoothed = smooth_entropy(entropy, lengths, smoothing_kernel(k) if kernel is None else kernel)  # (B, T)
     rows = []
     for b, length in enumerate(lengths.tolist()):
+        check_document_length(length, c, k, min_prefix, end_margin)
         C = length // c  # chunk size; the last length mod c tokens are never eligible
-        if C < 1:
-            raise ValueError(f"document {b} has {length} tokens, fewer than c={c} chunks")
         raw = entropy[b, :c * C].reshape(c, C)  # (c*C,) -> (c, C): row j = chunk [jC, (j+1)C)
         if mode == "argmax":
             offset = raw.argmax(dim=1)  # (c,)

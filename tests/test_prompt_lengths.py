@@ -34,7 +34,7 @@ def test_every_drawn_prompt_fits_min_length(task, split):
     assert max(needs) >= need - 15  # 300 draws come within 0-13 tokens of the longest entities drawn together
     for ex in niah.make_task_examples(task, 20, need, None, seed=1, split=split):
         assert len(ex.prompt_ids) == need
-    with pytest.raises(ValueError, match=f"too short for task {task}: its prompts need at least {need} tokens"):
+    with pytest.raises(ValueError, match=f"too short for task {task}: its {split}-split prompts need at least {need} "):
         niah.make_example(task, need - 1, 0.5, random.Random(0), split)
 
 

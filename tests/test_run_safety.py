@@ -77,7 +77,7 @@ def test_a_run_that_fails_on_its_inputs_writes_nothing_even_with_overwrite(tmp_p
     (tmp_path / "empty.txt").write_text("")
     for i, (regime, extra, message) in enumerate((
             ("mid", ["--data", str(tmp_path / "empty.txt")], "empty"),
-            ("post", ["--seq-len", "100"], "does not fit task"),
+            ("post", ["--seq-len", "100"], "--seq-len 100 is too short for task mk_niah"),
             ("mid", ["--seq-len", "64", "--c", "65"], "documents of 64 tokens cannot be cut into c=65 chunks"),
             ("mid", ["--seq-len", "64", "--k", "64"], "too short for min_prefix=1, end_margin=64"),
             ("post", ["--k", "512"], "too short for min_prefix=1, end_margin=512"))):
