@@ -3,8 +3,8 @@ every train.py flag reaches the pre-training config and corpus, --compile auto/o
 on CPU only, the sizes and rates each CLI refuses; tta.py's defaults, the flags that reach run_method, scoring after
 the adaptation, its per-batch rollout streams, the returned dict and the printed table; measure.py's medians,
 interleaving, warm-ups, CUDA syncs, alternating blocks and the oneDNN FLOP count; and the baselines' default scale
-and zero initial state. Each test was written to kill a mutant that the rest of the suite let through (a
-mutation-testing round); the module docstrings are the reference. No test trains or decodes: the heavy calls are
+and zero initial state. Each test catches a planted bug that the rest of the suite let through (mutation
+testing); the module docstrings are the reference. No test trains or decodes: the heavy calls are
 replaced by recorders, so the file runs in seconds."""
 import types
 
@@ -37,8 +37,7 @@ def pretrain_calls(monkeypatch):
 
 def test_pretrain_flags_reach_the_train_config_and_the_corpus(tmp_path, pretrain_calls):
     """--max-steps, --seq-len, --batch-size, --lr, --answer-weight and --seed each set their own TrainConfig field,
-    and the corpus is cut at --seq-len with --seed. Kills T12 (seed), T15-T19 (a flag dropped or two swapped),
-    T20 (corpus length), T21 (corpus seed)."""
+    and the corpus is cut at --seq-len with --seed (catches a flag dropped or two swapped)."""
     train.main(["--model", "lact", "--out", str(tmp_path / "run"), "--max-steps", "3", "--seq-len", "64",
                 "--batch-size", "5", "--lr", "0.002", "--answer-weight", "7", "--seed", "9", "--device", "cpu"])
     (_, _, corpus_len, corpus_seed), (_, mixer, cfg, _, resume) = pretrain_calls[1:]
@@ -57,8 +56,7 @@ def test_pretrain_flags_reach_the_train_config_and_the_corpus(tmp_path, pretrain
                                                     ("cpu", "on", True), ("cuda", "off", False)])
 def test_compile_auto_is_on_for_cuda_only_and_malloc_is_tuned_for_cpu_only(device, flag, compiled, tmp_path,
                                                                           pretrain_calls, monkeypatch):
-    """--compile auto: on for CUDA, off on CPU; on/off force it. keep_freed_memory is for CPU runs only (common.py).
-    Kills T13 (auto on for CPU), T14 (--compile on ignored), T24 (malloc tuned on CUDA instead)."""
+    """--compile auto: on for CUDA, off on CPU; on/off force it. keep_freed_memory is for CPU runs only (common.py)."""
     monkeypatch.setattr(train, "pick_device", lambda name: torch.device(device))
     train.main(["--model", "deltanet", "--out", str(tmp_path), "--compile", flag])
     assert pretrain_calls[-1][2].compile is compiled and pretrain_calls[-1][3] == device
@@ -66,8 +64,7 @@ def test_compile_auto_is_on_for_cuda_only_and_malloc_is_tuned_for_cpu_only(devic
 
 
 def test_resume_continues_the_run_and_overwrite_starts_afresh(tmp_path, pretrain_calls):
-    """--resume hands resume=True to pretrain (which then loads ckpt.pt); --overwrite starts from scratch.
-    Kills T22 (--resume ignored by pre-training)."""
+    """--resume hands resume=True to pretrain (which then loads ckpt.pt); --overwrite starts from scratch."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"")
@@ -87,9 +84,8 @@ def test_resume_continues_the_run_and_overwrite_starts_afresh(tmp_path, pretrain
 def test_train_cli_refuses_bad_sizes_rates_and_misplaced_flags(argv, message, tmp_path, capsys, pretrain_calls,
                                                               monkeypatch):
     """Sizes >= 1, an LR > 0, REFINE flags only for mid/post: status 2 before anything is written (pre-training is
-    a recorder here, so a mutant that lets the flag through fails at once instead of training for minutes).
-    Kills T03 (--batch-size unchecked), T04 (--seq-len unchecked), T05 (--lr 0 accepted), T08 (--c in pretrain);
-    T09/T26 fast (test_train.py's cases kill them only after minutes of default pre-training)."""
+    a recorder here, so a bug that lets a flag through fails at once instead of training for minutes, as the same
+    cases in test_train.py would)."""
     monkeypatch.chdir(tmp_path)  # a mid run let through pre-trains its base in runs/ of the working folder
     with pytest.raises(SystemExit) as e:
         train.main(["--model", "deltanet", "--out", str(tmp_path / "run"), *argv])
@@ -98,7 +94,7 @@ def test_train_cli_refuses_bad_sizes_rates_and_misplaced_flags(argv, message, tm
 
 
 def test_lambda_rl_zero_is_accepted():
-    """--lambda-rl is checked as finite and >= 0: 0 (no policy loss) is a valid setting. Kills T07 (> 0)."""
+    """--lambda-rl is checked as finite and >= 0: 0 (no policy loss) is a valid setting."""
     args = train.build_parser().parse_args(["--model", "deltanet", "--regime", "mid", "--lambda-rl", "0"])
     assert train.check_args(args) is None
     assert regimes.resolve_config(args).refine["lambda_rl"] == 0.0
@@ -107,8 +103,7 @@ def test_lambda_rl_zero_is_accepted():
 # ---- tta.py -------------------------------------------------------------------------------------------------------
 
 def test_tta_defaults_are_the_documented_ones():
-    """tta docstring: batches of 8, 1 SFT step, constant LR 1e-4, cumulative mode; 32 prompts, seed 0.
-    Kills A01 (sft-steps 2), A02 (samples 16), A03 (LR 1e-3)."""
+    """tta docstring: batches of 8, 1 SFT step, constant LR 1e-4, cumulative mode; 32 prompts, seed 0."""
     args = tta.build_parser().parse_args(["--ckpt", "x", "--task", "s_niah"])
     assert (args.batch_size, args.sft_steps, args.lr, args.mode, args.samples, args.seed, args.length) == \
         (8, 1, 1e-4, "cumulative", 32, 0, None)
@@ -131,8 +126,7 @@ def fake_methods(monkeypatch):
 def test_tta_flags_reach_every_method_and_the_table_is_their_scores(tiny_ckpt, monkeypatch, capsys):  # noqa: F811
     """--mode, --lr, --seed, --length and --batch-size reach run_method for all three methods, on EVAL-split
     prompts of --length tokens; the result is each method's mean score in % and its steps, and the last line the
-    differences. Kills A14 (--length ignored), A15 (train split), A16/A22 (--seed ignored), A17 (--lr ignored),
-    A18 (score not in %), A19 (--mode ignored), A20 (vs sft-ttt printed against none)."""
+    differences."""
     seen = fake_methods(monkeypatch)
     results = tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "4", "--batch-size", "2",
                         "--mode", "reset", "--lr", "0.003", "--seed", "5", "--length", "128"])
@@ -153,15 +147,14 @@ def test_tta_flags_reach_every_method_and_the_table_is_their_scores(tiny_ckpt, m
                                            (["--lr", "0"], "--lr must be finite and > 0, got 0.0")])
 def test_tta_refuses_a_zero_length_or_rate(argv, message, tiny_ckpt, capsys):  # noqa: F811
     """--length 0 would silently fall back to the checkpoint's length (`args.length or ...`); an LR of 0 adapts
-    nothing. Both are one-line errors. Kills A10, A12."""
+    nothing. Both are one-line errors."""
     with pytest.raises(SystemExit) as e:
         tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2", "--batch-size", "2", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_run_method_scores_each_batch_after_adapting_it_with_its_own_rollout_stream(tiny_ckpt, monkeypatch):  # noqa
-    """Per batch b: adapt on its prompts with step_generator(seed, b, 1), then score it with the adapted weights.
-    Kills A21 (scored before the adaptation), A08 (one stream for every batch), A09 (seed ignored)."""
+    """Per batch b: adapt on its prompts with step_generator(seed, b, 1), then score it with the adapted weights."""
     events = []
 
     def fake_adapt(model, optimizer, prompts, method, cfg, rcfg, generator):
@@ -202,8 +195,7 @@ def fake_clock(monkeypatch, durations: dict):
 
 def test_timed_interleaves_after_warmup_syncs_around_each_call_and_takes_the_median(monkeypatch):
     """Warm-up calls first (not timed), then round-robin a, b, a, b, ...; each call between syncs, so CUDA work is
-    timed, not launched; the median, not the mean. Kills M01 (mean), M02 (not interleaved), M03 (no warm-up),
-    M10 (no sync before the stop)."""
+    timed, not launched; the median, not the mean."""
     fns, events = fake_clock(monkeypatch, {"a": [100, 100, 1, 2, 10], "b": [100, 100, 5, 5, 6]})
     assert measure.timed(fns, 3, warmup=2) == {"a": 2, "b": 5}
     assert events[:4] == ["a", "a", "b", "b"]
@@ -212,8 +204,7 @@ def test_timed_interleaves_after_warmup_syncs_around_each_call_and_takes_the_med
 
 def test_back_to_back_alternates_warmed_blocks_and_takes_their_median(monkeypatch):
     """Each round runs every callable's block once, in order (a slow phase hits them all); blocks of > 3 repeats
-    warm up twice, slower ones once; the result is the median of the blocks. Kills M04 (min), M05 (one warm-up),
-    M06 (one round), M11 (order reversed), M12 (all of a's blocks first)."""
+    warm up twice, slower ones once; the result is the median of the blocks."""
     calls, block = [], {"a": iter([5.0, 4.0, 1.0]), "b": iter([9.0, 7.0, 8.0])}
 
     def fake_timed(fns, repeats, warmup=1):
@@ -226,7 +217,7 @@ def test_back_to_back_alternates_warmed_blocks_and_takes_their_median(monkeypatc
 
 
 def test_onednn_rate_counts_two_flops_per_multiply_add(monkeypatch):
-    """An n x n by n x n product is 2 n^3 FLOP. Kills M07 (n^3)."""
+    """An n x n by n x n product is 2 n^3 FLOP."""
     monkeypatch.setattr(measure, "timed", lambda fns, repeats, warmup=1: {"dnn": 0.5})
     rate = measure.onednn_rate(torch.randn(8, 8))
     if rate is None:
@@ -239,8 +230,7 @@ def test_onednn_rate_counts_two_flops_per_multiply_add(monkeypatch):
 @pytest.mark.parametrize("kernel", [baselines.delta_rule_recurrent_indexed, baselines.delta_rule_chunked_plain])
 def test_baselines_default_to_a_zero_state_and_honour_the_scale(kernel):
     """Without initial_state the state starts at zero, without scale it is Dk^-1/2, and a given scale is used, as
-    the oracle's (tests/test_bench_baselines.py always passes a state and never a scale). Kills B01, B02 (scale
-    ignored), B03 (the default state is not zero)."""
+    the oracle's (tests/test_bench_baselines.py always passes a state and never a scale)."""
     q, k, v, beta, _ = inputs(2, 2, 16, 5, 3, seed=1)
     kw = {"chunk_size": 4} if kernel is baselines.delta_rule_chunked_plain else {}
     for scale in (None, 0.3):
