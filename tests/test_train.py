@@ -152,7 +152,11 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     (["--model", "deltanet", "--regime", "mid", "--answer-weight", "5"], "--answer-weight is a pretrain flag"),
     (["--model", "deltanet", "--resume"], "holds no checkpoint (ckpt.pt) to resume"),
 ])
-def test_cli_rejects_bad_arguments_with_status_2(argv, message, capsys, tmp_path):
+def test_cli_rejects_bad_arguments_with_status_2(argv, message, capsys, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a bad argument reached pre-training")
+    monkeypatch.chdir(tmp_path)  # a flag let through by a bug must not pre-train a base into the checkout's runs/,
+    monkeypatch.setattr(train, "pretrain", no_training)  # nor train for minutes: the test fails at once instead
     with pytest.raises(SystemExit) as exit_info:
         train.main([*argv, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
