@@ -6,7 +6,8 @@ comparison against a reference with a printed error, PASS/FAIL per line, exit st
      ragged last chunk), and bf16 inputs stay close to the fp32 result;
   2. torch.compile(fullgraph=True) of the kernel equals eager on the device (skipped with --no-compile);
   3. for DeltaNet and LaCT: the device's logits equal the CPU's, and streaming (prefill, then token by token) equals
-     one full pass on the device;
+     one full pass on the device; the fused head loss (head_loss.py, the device's block size) equals the
+     full-logits path in loss, entropy and both gradients;
   4. one REFINE step per mixer on the device, sampling with a generator on the device: finite metrics, finite
      weights, and the weights move;
   5. a checkpoint saved from the device loads on CPU with identical weights;
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import compiled_error  # noqa: E402
 from refine_mini.common import load_checkpoint, make_generator, save_checkpoint  # noqa: E402
 from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
+from refine_mini.head_loss import IGNORE, head_loss, head_loss_reference  # noqa: E402
 from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
 from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
 from refine_mini.trainer import TrainConfig, make_optimizer, weights_finite  # noqa: E402
@@ -93,6 +95,20 @@ def check_models(device):
                 logits, _, state = model(tokens[:, t:t + 1].to(device), state)
                 steps.append(logits)
             yield f"{mixer}: prefill + token-by-token decode == one full pass", rel(torch.cat(steps, 1), full), 1e-4
+
+
+def check_head_loss(device):
+    g = torch.Generator().manual_seed(3)  # 5000 rows: two blocks of CUDA's 4096, twenty of CPU's 256
+    hidden, weight = torch.randn(5000, 128, generator=g), 0.1 * torch.randn(8193, 128, generator=g)
+    targets = torch.randint(0, 8193, (5000,), generator=g)
+    targets[::9] = IGNORE
+    out = []
+    for fn in (head_loss, head_loss_reference):
+        h, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
+        loss, _, entropy = fn(h, w, targets.to(device), with_entropy=True)
+        out.append([loss, entropy, *torch.autograd.grad(loss, (h, w))])
+    yield "fused head loss == full logits: loss, entropy, d hidden, d weight", \
+        max(rel(a, b) for a, b in zip(*out)), 1e-5
 
 
 def check_refine_step(device):
@@ -161,9 +177,9 @@ def main(argv=None) -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""))
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        checks = [check_kernel(device, not args.no_compile), check_models(device), check_refine_step(device),
-                  check_checkpoint(device, Path(tmp) / "ckpt")] + ([check_cli(device, Path(tmp) / "cli")] if args.cli
-                                                                   else [])
+        checks = [check_kernel(device, not args.no_compile), check_models(device), check_head_loss(device),
+                  check_refine_step(device), check_checkpoint(device, Path(tmp) / "ckpt")]
+        checks += [check_cli(device, Path(tmp) / "cli")] if args.cli else []
         for check in checks:
             try:
                 for name, value, tol in check:  # (name, error, limit), or (name, passed, None) for yes/no checks

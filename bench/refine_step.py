@@ -27,7 +27,7 @@ from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
 from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
 from refine_mini.rollout import document_forward, rollouts_forked, rollouts_reference, sample_rollouts  # noqa: E402
 from refine_mini.selection import pad_documents, select_positions, teacher_forced_pass  # noqa: E402
-from refine_mini.trainer import TrainConfig, clip_and_step, make_optimizer, ntp_loss  # noqa: E402
+from refine_mini.trainer import TrainConfig, clip_and_step, make_optimizer, ntp_loss_from_hidden  # noqa: E402
 
 STEP_TARGET, ROLLOUT_TARGET = 1.5, 8.0
 
@@ -62,7 +62,7 @@ def bench_one(mixer: str, device: torch.device, args) -> list[str]:
 
     def ntp_step():
         optimizer.zero_grad(set_to_none=True)
-        loss = ntp_loss(model(tokens)[0], tokens)
+        loss = ntp_loss_from_hidden(model, model.encode(tokens)[0], tokens)  # as regimes.ntp_step
         loss.backward()
         clip_and_step(model, optimizer, 1.0)
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refine_mini.deltanet import DeltaNet
+from refine_mini.head_loss import head_loss, head_loss_reference
 from refine_mini.lact import LaCT
 
 
@@ -161,6 +162,7 @@ class FastWeightLM(nn.Module):
                 nn.init.normal_(module.weight, std=cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight  # (V, D): one matrix reads and writes tokens
+        self.fused_head = True  # head_loss: blockwise fused cross-entropy (False: the plain full-logits reference)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -201,6 +203,14 @@ class FastWeightLM(nn.Module):
         """hidden (..., D) -> logits (..., V) in fp32 at least (an fp64 model stays fp64)."""
         logits = self.lm_head(hidden)  # (..., D) @ (D, V) -> (..., V)
         return logits if logits.dtype == torch.float64 else logits.float()
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor | None = None,
+                  with_entropy: bool = False):
+        """Σ_r w_r · CE(head(hidden_r), targets_r) without the (..., V) logits (head_loss.py): hidden (..., D),
+        targets (...) with IGNORE where there is none -> (loss with grad, nll (...), entropy (...) or None, both
+        detached). `fused_head = False` (an attribute, default True) takes the plain full-logits path instead."""
+        loss_fn = head_loss if self.fused_head else head_loss_reference
+        return loss_fn(hidden, self.lm_head.weight, targets, row_weights, with_entropy)
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None):
         """tokens (B, T) -> logits (B, T, V), hidden (B, T, D) after the final norm, new ModelState."""

@@ -29,14 +29,13 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from refine_mini import niah, tokenizer
 from refine_mini.common import clock
 from refine_mini.evaluate import first_line, greedy_outputs
 from refine_mini.regimes import RegimeConfig, Run, inner_update, step_generator, steps_per_batch
 from refine_mini.selection import eval_mode
-from refine_mini.trainer import IGNORE, clip_and_step  # IGNORE: labels of positions that are not answer tokens
+from refine_mini.trainer import IGNORE, clip_and_step, next_token_targets  # IGNORE: labels of non-answer tokens
 
 
 def train_batch(tasks, batch_size: int, length: int, seed: int, step: int) -> list:
@@ -63,11 +62,12 @@ def answer_batch(examples, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over answer tokens only: logits at position p predict labels[:, p+1]. The last position has no
-    target: IGNORE, not a logits[:, :-1] slice, whose backward zero-fills a whole (B, L, V) tensor (as ntp_loss)."""
-    logits = model(tokens)[0]  # (B, L, V)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T): labels shifted left
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)  # (B*L, V) vs (B*L,)
+    """Mean CE over answer tokens only: position p predicts labels[:, p+1] (next_token_targets of the labels), through
+    the model's fused head loss: no (B, L, V) logits."""
+    hidden, _ = model.encode(tokens)  # (B, L, D)
+    targets = next_token_targets(labels)  # (B, L): labels shifted left, IGNORE on prompt tokens and at the end
+    summed, _, _ = model.head_loss(hidden, targets)
+    return summed / (targets != IGNORE).sum()
 
 
 def sft_step(model, optimizer, examples, grad_clip: float, device) -> dict:

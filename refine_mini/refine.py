@@ -10,9 +10,9 @@ of the autograd graph, so the slow weights learn to write fast-weight memory tha
 Two paths compute `refine_loss` for FIXED rollouts and agree in loss and every gradient (tests/test_refine_step.py):
 - fast (default): ONE batched forward with grad over the documents (rollout.document_forward), from whose record
   the prefix snapshots are rebuilt (segmented_forward, one document split at its positions, as the fallback).
-  It gives the hidden states (-> NTP logits via model.head) and the attached state snapshots; logp(x̂_1) comes
-  from the logits at the c prefix ends only, and x̂_1..x̂_{k-1} go through ONE multi-token call from all attached
-  snapshots stacked and forked (rollout.stack_states).
+  It gives the hidden states (-> the NTP term by model.head_loss, blockwise: no (B, T, V) logits, head_loss.py)
+  and the attached state snapshots; logp(x̂_1) comes from the logits at the c prefix ends only, and x̂_1..x̂_{k-1}
+  go through ONE multi-token call from all attached snapshots stacked and forked (rollout.stack_states).
   In `refine_step` the same forward also feeds the rollouts (sampled from DETACHED copies of the snapshots).
 - reference (clarity, as the official code): NTP on each whole document, plus [prefix ; rollout] re-encoded from
   scratch with grad for every prefix.
@@ -27,9 +27,9 @@ Schedules (`schedule`):
   mini-batches: a group lies inside one document).
 
 The "single" schedule runs ONE forward in all: the teacher-forced pass of step 1 is the training forward itself
-(with grad; entropies, from the same logits as the NTP term, and h_gt are read off it detached -- identical values,
-the models have no dropout), and the prefix snapshots are rebuilt afterwards from its record (model.snapshots:
-DeltaNet from the kernel's chunk-entry states, LaCT from its chunk history).
+(with grad; entropies, from the same blockwise logits as the NTP term, and h_gt are read off it detached -- the
+same values, the models have no dropout), and the prefix snapshots are rebuilt afterwards from its record
+(model.snapshots: DeltaNet from the kernel's chunk-entry states, LaCT from its chunk history).
 Deviations: the NTP term is the token-mean CE over all documents of the (mini-)batch (verl averages per micro-batch);
 documents are unpadded (right padding only for the no-grad teacher pass); see selection.py / grpo.py for theirs.
 """
@@ -43,7 +43,7 @@ from refine_mini.grpo import group_advantages, group_ids, ppo_clip_loss
 from refine_mini.rewards import REWARDS, compute_rewards
 from refine_mini.rollout import (Rollouts, document_forward, log_probs, recorded_forward, rollout_logp,
                                  rollouts_forked, sample_rollouts)
-from refine_mini.selection import (MODES, Selection, check_document_length, entropy_from_logits, pad_documents,
+from refine_mini.selection import (MODES, Selection, check_document_length, pad_documents,
                                   select_positions, teacher_forced_pass)
 from refine_mini.trainer import IGNORE, clip_and_step
 
@@ -93,13 +93,17 @@ def as_documents(tokens) -> list[torch.Tensor]:
     return docs
 
 
+def _ntp_targets(docs: list, width: int | None = None) -> torch.Tensor:
+    """Next-token targets, position t of a document predicting its t+1: (ΣL,) for the concatenated documents, or
+    (B, width) for the right-padded batch. Positions without a target (each document's last, and padding) get
+    IGNORE -- not [:-1] slices, whose backward would zero-fill a whole (L, V) tensor."""
+    rows = [F.pad(doc[1:], (0, 1 + (width - len(doc) if width else 0)), value=IGNORE) for doc in docs]
+    return torch.stack(rows) if width else torch.cat(rows)  # doc shifted left
+
+
 def _ntp_sum(logits: torch.Tensor, docs: list) -> torch.Tensor:
-    """Summed next-token CE, position t of a document predicting its t+1. logits: (ΣL, V) of the concatenated
-    documents, or (B, T_max, V) of the right-padded batch. Positions without a target (each document's last, and
-    padding) get ignore_index -- not logits[:-1] slices, whose backward would zero-fill a whole (L, V) tensor."""
-    pad = [logits.shape[1] - len(doc) if logits.dim() == 3 else 0 for doc in docs]
-    targets = torch.cat([F.pad(doc[1:], (0, 1 + p), value=IGNORE) for doc, p in zip(docs, pad)])  # doc shifted left
-    return F.cross_entropy(logits.flatten(0, -2), targets, ignore_index=IGNORE, reduction="sum")  # (rows,V) vs (rows,)
+    """Summed next-token CE from full logits (L, V) of one document: the reference path's plain form."""
+    return F.cross_entropy(logits, _ntp_targets(docs), ignore_index=IGNORE, reduction="sum")  # (L, V) vs (L,)
 
 
 def _reference_logp(model, docs, rollouts: Rollouts, detach_prefix: bool) -> torch.Tensor:
@@ -129,8 +133,8 @@ def refine_loss(model, docs: list, selection: Selection, rollouts: Rollouts, adv
     n_targets = sum(len(d) - 1 for d in docs)
     if path == "fast":
         fwd = doc_forward if doc_forward is not None else document_forward(model, docs, selection.positions)
-        logits = fwd.logits if fwd.logits is not None else model.head(torch.cat(fwd.hidden))  # (B,T,V) | (ΣL,V)
-        ntp_sum = _ntp_sum(logits, docs)
+        ntp_sum = (fwd.ntp_sum if fwd.ntp_sum is not None  # refine_step's "single" schedule computed it already
+                   else model.head_loss(torch.cat(fwd.hidden), _ntp_targets(docs))[0])  # hidden (ΣL, D), fused head
         first_logits, snapshots = fwd.first_logits, fwd.snapshots  # attached: grad flows into the prefix
         if cfg.detach_prefix:
             first_logits, snapshots = first_logits.detach(), [s.detach() for s in snapshots]
@@ -175,10 +179,9 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
     recorded = cfg.schedule == "single" and model.can_snapshot()
     if recorded:  # the training forward (WITH grad) is that pass; snapshots are rebuilt from its record below
         full, records = model.encode_recorded(padded)  # (B, T_max, D)
-        logits = model.head(full)  # (B, T_max, V): the NTP term and the entropies share one LM-head matmul
-        h_gt = full.detach()
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())  # (B, T_max)
+        targets = _ntp_targets(docs, padded.shape[1])  # (B, T_max)
+        ntp_sum, _, entropy = model.head_loss(full, targets, with_entropy=True)  # the NTP term and the entropies
+        h_gt = full.detach()  # share one pass over the LM head's logits (blockwise: no (B, T_max, V) tensor)
     else:  # a separate no-grad pass (eval mode)
         entropy, h_gt = teacher_forced_pass(model, padded)  # (B, T_max), (B, T_max, D)
     selection = select_positions(entropy, lengths, cfg.c, cfg.k, cfg.selection, cfg.tau, cfg.smooth_kernel,
@@ -186,7 +189,7 @@ def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Ge
 
     # 2) rollouts: k tokens from every prefix state, n times
     if cfg.schedule == "single":
-        fwd = (recorded_forward(model, full, records, lengths.tolist(), selection.positions, logits) if recorded
+        fwd = (recorded_forward(model, full, records, lengths.tolist(), selection.positions, ntp_sum) if recorded
                else document_forward(model, docs, selection.positions))  # WITH grad: hidden + attached snapshots
         rollouts = sample_rollouts(model, fwd, selection.positions, cfg.k, cfg.n, generator)  # detached copies
     else:

@@ -39,8 +39,8 @@ import torch
 from refine_mini import tokenizer
 from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, make_generator, set_rng_state,
                                 trim_log)
-from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss, save_run, skip_streak,
-                                 validation_metrics)
+from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss_from_hidden, save_run,
+                                 skip_streak, validation_metrics)
 
 OBJECTIVES = {"mid": ("refine", "ntp"), "post": ("refine", "nested-sft", "sft")}
 
@@ -144,7 +144,7 @@ def inner_update(model, optimizer, tokens: torch.Tensor, objective: str, rcfg, g
 def ntp_step(model, optimizer, tokens: torch.Tensor, grad_clip: float) -> dict:
     """One optimizer step of plain next-token prediction on tokens (B, T)."""
     t0 = clock(tokens.device)
-    loss = ntp_loss(model(tokens)[0], tokens)  # logits (B, T, V) vs tokens shifted by one
+    loss = ntp_loss_from_hidden(model, model.encode(tokens)[0], tokens)  # hidden (B, T, D), fused head loss
     check_finite({"ntp_loss": loss.item()}, ("ntp_loss",))
     loss.backward()
     grad_norm = clip_and_step(model, optimizer, grad_clip)

@@ -54,7 +54,7 @@ class DocumentForward:
     hidden: list  # per document (L_b, D): post-norm hidden states of the whole document (the NTP logits' input)
     first_logits: torch.Tensor  # (B·K, V) logits at each prefix end t: they give p(x̂_1)
     snapshots: list  # B·K ModelStates (batch 1): state after reading x_0..x_t (attached when built with grad)
-    logits: torch.Tensor | None = None  # (B, T_max, V) right-padded document logits, when the caller computed them
+    ntp_sum: torch.Tensor | None = None  # summed NTP cross-entropy of the documents (with grad), if the caller has it
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -99,17 +99,17 @@ def document_forward(model, docs: list, positions: torch.Tensor) -> DocumentForw
 
 
 def recorded_forward(model, full: torch.Tensor, records: list, lengths: list, positions: torch.Tensor,
-                     logits: torch.Tensor | None = None):
+                     ntp_sum: torch.Tensor | None = None):
     """DocumentForward from a recorded padded pass (model.encode_recorded): hidden (B, T_max, D) cut to lengths;
-    `logits` (B, T_max, V) = model.head(full) if the caller already has them (refine_step: entropy + NTP)."""
+    `ntp_sum` if the caller already computed the documents' NTP loss from `full` (refine_step: entropy + NTP)."""
     snapshots = model.snapshots(records, [p.tolist() for p in positions])
-    return _assemble(model, [full[b, :n] for b, n in enumerate(lengths)], positions, snapshots, logits)
+    return _assemble(model, [full[b, :n] for b, n in enumerate(lengths)], positions, snapshots, ntp_sum)
 
 
-def _assemble(model, hidden: list, positions: torch.Tensor, snapshots: list, logits=None) -> DocumentForward:
+def _assemble(model, hidden: list, positions: torch.Tensor, snapshots: list, ntp_sum=None) -> DocumentForward:
     ends = torch.cat([h[p] for h, p in zip(hidden, positions)])  # (L_b, D) index (K,) -> (B·K, D)
     return DocumentForward(hidden=hidden, first_logits=model.head(ends), snapshots=snapshots,  # (B·K, V)
-                           logits=logits)
+                           ntp_sum=ntp_sum)
 
 
 def can_stack(states: list) -> bool:

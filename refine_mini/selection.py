@@ -65,12 +65,6 @@ def entropy_from_hidden(model, hidden: torch.Tensor, block: int = 128) -> torch.
     return torch.cat([_entropy(model.head(part)) for part in rows.split(block)]).view(hidden.shape[:-1])  # (...)
 
 
-def entropy_from_logits(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """logits (..., V) already computed (REFINE's training forward) -> entropy (...), in row blocks as above."""
-    rows = logits.reshape(-1, logits.shape[-1])  # (B·T, V)
-    return torch.cat([_entropy(part) for part in rows.split(block)]).view(logits.shape[:-1])  # (...)
-
-
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     """(rows, V) -> H = -sum_v p_v log p_v in nats (rows,), in fp32 at least."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (rows, V)

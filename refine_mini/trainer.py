@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, rng_state, run_dir, save_checkpoint,
                                 set_rng_state, trim_log)
+from refine_mini.head_loss import IGNORE, default_block_rows
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
 from refine_mini.tokenizer import encode
 
@@ -72,21 +73,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-IGNORE = -100  # cross_entropy ignore_index: a position without a target (last token, padding, prompt in SFT)
+def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): position t predicts tokens[:, t+1]; the last position has none (IGNORE, so its nll is 0).
+    Not a logits[:, :-1] slice: its backward would fill a whole (B, T, V) zero tensor to write the slice into."""
+    return F.pad(tokens[:, 1:], (0, 1), value=IGNORE)  # tokens shifted left, ignored at t = T-1
+
+
+def ntp_loss_from_hidden(model, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the T-1 positions with a target, from the hidden states (B, T, D) through
+    the model's fused head loss (head_loss.py): the (B, T, V) logits are never built. What every regime trains on."""
+    summed, _, _ = model.head_loss(hidden, next_token_targets(tokens))  # Σ over B·(T-1) positions
+    return summed / (tokens.shape[0] * (tokens.shape[1] - 1))
 
 
 def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per position, (B, T): logits (B, T, V) at position t predict tokens[:, t+1].
-
-    The last position has no target: it gets ignore_index (and nll 0) instead of slicing logits[:, :-1], whose
-    backward would fill a whole (B, T, V) zero tensor just to write the slice into it."""
-    targets = F.pad(tokens[:, 1:], (0, 1), value=IGNORE)  # (B, T): tokens shifted left, ignored at t = T-1
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")  # (B*T,)
+    """Next-token cross-entropy per position from full logits (B, T, V), (B, T); 0 at the last position. The plain
+    form of what ntp_loss_from_hidden computes blockwise (tests compare the two)."""
+    nll = F.cross_entropy(logits.flatten(0, 1), next_token_targets(tokens).flatten(), ignore_index=IGNORE,
+                          reduction="none")  # (B*T, V) vs (B*T,) -> (B*T,)
     return nll.view(tokens.shape)
 
 
 def ntp_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the T-1 positions that have a target."""
+    """Mean next-token cross-entropy over the T-1 positions that have a target, from full logits (B, T, V)."""
     return token_nll(logits, tokens)[:, :-1].mean()
 
 
@@ -107,11 +116,17 @@ def answer_mask(tokens: torch.Tensor) -> torch.Tensor:
     return last_start > nl_before                                         # an answer opened and not yet closed
 
 
+def answer_weights(tokens: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """(B, T) loss weight of position t: answer_weight where its target tokens[:, t+1] is part of an answer, 1
+    elsewhere, 0 at the last position (no target)."""
+    w = 1.0 + (answer_weight - 1.0) * answer_mask(tokens)[:, 1:].float()  # (B, T-1): weight of target t+1
+    return F.pad(w, (0, 1))  # (B, T)
+
+
 def answer_weighted_loss(nll: torch.Tensor, tokens: torch.Tensor, answer_weight: float) -> torch.Tensor:
-    """Weighted mean of nll (B, T) over positions with a target: weight answer_weight where the target token
-    tokens[:, t+1] is part of an answer, 1 elsewhere."""
-    w = 1.0 + (answer_weight - 1.0) * answer_mask(tokens)[:, 1:].to(nll.dtype)  # (B, T-1): weight of target t+1
-    return (nll[:, :-1] * w).sum() / w.sum()
+    """Weighted mean of nll (B, T) over positions with a target, with answer_weights."""
+    w = answer_weights(tokens, answer_weight).to(nll.dtype)  # (B, T)
+    return (nll * w).sum() / w.sum()
 
 
 def clip_and_step(model, optimizer, grad_clip: float) -> float:
@@ -177,18 +192,21 @@ def validation_metrics(model, batches: list[torch.Tensor], generator: torch.Gene
     (not argmax; noisy). Pre-training logs the loss only."""
     was_training = model.training
     model.eval()
-    nll_sum = hits = count = 0.0
+    device = batches[0].device if batches else torch.device("cpu")
+    nll_sum, hits, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), device=device), 0
     for tokens in batches:  # (B, T)
-        logits = model(tokens)[0][:, :-1].float()  # (B, T-1, V): predictions of x_1..x_{T-1}
-        targets = tokens[:, 1:]  # (B, T-1)
-        nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        hidden = model.encode(tokens)[0][:, :-1].flatten(0, 1)  # (B, T-1, D) -> (B·(T-1), D): predict x_1..x_{T-1}
+        targets = tokens[:, 1:].flatten()  # (B·(T-1),)
+        block = default_block_rows(tokens.device)  # logits (block, V) at a time, never (B, T, V)
+        for h, y in zip(hidden.split(block), targets.split(block)):
+            logits = model.head(h)  # (n, D) -> (n, V)
+            nll_sum += F.cross_entropy(logits, y, reduction="sum").double()  # summed on the device: no sync
+            if generator is not None:
+                hits += (sample_token(logits, 1.0, generator) == y).sum()  # (n,) sampled vs next tokens
         count += targets.numel()
-        if generator is None:
-            continue
-        sampled = sample_token(logits.flatten(0, 1), 1.0, generator).view_as(targets)  # (B·(T-1), V) -> (B, T-1)
-        hits += (sampled == targets).sum().item()
     model.train(was_training)
-    return {"val_loss": nll_sum / count, **({"val_sampled_acc": hits / count} if generator is not None else {})}
+    out = {"val_loss": nll_sum.item() / count}
+    return {**out, "val_sampled_acc": hits.item() / count} if generator is not None else out
 
 
 def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device, resume: bool = False) -> dict:
@@ -208,7 +226,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
         print(f"resuming {out} at step {start}")
     (out / "config.json").write_text(json.dumps({"regime": "pretrain", "model": asdict(model_cfg),
                                                   "train": asdict(cfg)}, indent=2))
-    forward = torch.compile(model) if cfg.compile else model
+    encode = torch.compile(model.encode) if cfg.compile else model.encode  # the head's loss runs blockwise, eager
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]]
     log = MetricLog(out / "metrics.jsonl", append=start > 0)
     metrics, skipped = {}, 0
@@ -219,8 +237,10 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             tokens = corpus.batch(cfg.batch_size, _step_generator(cfg.seed, step)).to(device)  # (B, T)
-            nll = token_nll(forward(tokens)[0], tokens)  # (B, T)
-            loss = answer_weighted_loss(nll, tokens, cfg.answer_weight)
+            hidden, _ = encode(tokens)  # (B, T, D)
+            weights = answer_weights(tokens, cfg.answer_weight)  # (B, T)
+            weighted_sum, nll, _ = model.head_loss(hidden, next_token_targets(tokens), weights)  # nll (B, T)
+            loss = weighted_sum / weights.sum()  # the answer-weighted mean (answer_weighted_loss, blockwise)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; "
                                          f"the last good checkpoint in {out} is kept")

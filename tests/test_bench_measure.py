@@ -32,7 +32,9 @@ def test_cpu_peak_bytes_keeps_the_profilers_lines_off_stderr_and_restores_it(cap
 
 @pytest.mark.parametrize("script, argv", [("kernels", ["--repeats", "0"]), ("kernels", ["--chunk", "0"]),
                                           ("refine_step", ["--batch", "0"]), ("refine_step", ["--mixers", "rnn"]),
-                                          ("refine_step", ["--seq-len", "20"]), ("refine_step", ["--devices", "tpu"])])
+                                          ("refine_step", ["--seq-len", "20"]), ("refine_step", ["--devices", "tpu"]),
+                                          ("memory", ["--batch", "0"]), ("memory", ["--lengths", "512", "20"]),
+                                          ("memory", ["--mixers", "rnn"]), ("memory", ["--device", "tpu"])])
 def test_bench_scripts_refuse_bad_flags_in_one_line(script, argv, capsys):
     main = importlib.import_module(f"bench.{script}").main
     assert main(argv) == 2

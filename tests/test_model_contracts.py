@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from refine_mini import model as model_module
 from refine_mini.common import load_checkpoint
+from refine_mini.head_loss import head_loss_reference
 from refine_mini.model import FastWeightLM, SwiGLU, sample_token
 from refine_mini.rope import apply_rope
 from refine_mini.trainer import (TrainConfig, _step_generator, answer_weighted_loss, clip_and_step, lr_at,
@@ -193,9 +195,16 @@ class MixedCorpus(RandomCorpus):
         return torch.cat([filler, qa.repeat(batch_size, 1)], 1)
 
 
-def test_pretrain_steps_equal_a_hand_written_loop(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_pretrain_steps_equal_a_hand_written_loop(tmp_path, monkeypatch, fused):
     """Two pretrain steps == the loop written out: step s's batch from _step_generator(seed, s), lr_at(s), the
-    answer-weighted loss's gradient, clipped at grad_clip, AdamW with make_optimizer's groups."""
+    answer-weighted loss's gradient (from full logits), clipped at grad_clip, AdamW with make_optimizer's groups.
+    With pretrain's head loss swapped for the plain full-logits path the two agree to fp32 rounding. With the default
+    fused head loss they agree to 1e-5: its sums run in another order, and AdamW's first steps (~lr·sign(g))
+    magnify the last bits of tiny gradients (measured 6e-7), while a wrong weight, LR or step moves weights by
+    ~lr = 1e-2."""
+    if not fused:
+        monkeypatch.setattr(model_module, "head_loss", head_loss_reference)
     model_cfg = dataclasses.replace(tiny_cfg(), vocab_size=8193)
     cfg = dataclasses.replace(short_run(answer_weight=20.0), max_steps=2, grad_clip=0.5)
     corpus = MixedCorpus()
@@ -211,4 +220,4 @@ def test_pretrain_steps_equal_a_hand_written_loop(tmp_path):
         clip_and_step(model, opt, cfg.grad_clip)
     saved = load_checkpoint(tmp_path)["model"]
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(saved[name], value, atol=1e-7, rtol=1e-6, msg=name)
+        torch.testing.assert_close(saved[name], value, atol=1e-5 if fused else 1e-7, rtol=1e-6, msg=name)

@@ -52,16 +52,19 @@ def run_cli(tmp_path, regime, objective, init, steps=2, extra=()):
 
 
 def test_answer_loss_only_counts_answer_tokens():
-    """Gradient of the SFT loss w.r.t. the logits is zero at every prompt position and non-zero at answer ones."""
+    """Gradient of the SFT loss w.r.t. the hidden states is zero at every prompt position and non-zero at answer
+    ones."""
     examples = posttrain.train_batch(("s_niah", "qa"), 2, LENGTH, seed=0, step=0)
     tokens, labels = posttrain.answer_batch(examples)
     for i, ex in enumerate(examples):
         assert (labels[i, :LENGTH] == posttrain.IGNORE).all()
         answer = labels[i][labels[i] != posttrain.IGNORE]
         assert tokens[i, LENGTH:LENGTH + len(answer)].tolist() == answer.tolist()
-    logits = torch.randn(*tokens.shape, 8193, requires_grad=True)  # (B, L, V): a leaf standing in for the model
-    posttrain.answer_loss(lambda t: (logits, None, None), tokens, labels).backward()
-    per_position = logits.grad.abs().sum(-1)  # (B, L)
+    model = FastWeightLM(ModelConfig(d_model=16, n_layers=1))
+    hidden = torch.randn(*tokens.shape, 16, requires_grad=True)  # (B, L, D): a leaf standing in for the encoder
+    model.encode = lambda t: (hidden, None)
+    posttrain.answer_loss(model, tokens, labels).backward()
+    per_position = hidden.grad.abs().sum(-1)  # (B, L)
     assert (per_position[:, :LENGTH - 1] == 0).all()  # logits at p predict p+1: prompt targets never count
     answer_rows = labels[:, 1:] != posttrain.IGNORE  # (B, L-1)
     assert (per_position[:, :-1][answer_rows] > 0).all()

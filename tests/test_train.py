@@ -99,18 +99,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = short_run()
     pretrain(tiny_cfg(), dataclasses.replace(cfg, max_steps=3), RandomCorpus(), tmp_path, "cpu")
     good = load_checkpoint(tmp_path)["model"]
-    original_forward = FastWeightLM.forward
+    original_encode = FastWeightLM.encode
 
     def poisoned(self, tokens, state=None):
-        logits, hidden, state = original_forward(self, tokens, state)
-        return logits * float("nan"), hidden, state
+        hidden, state = original_encode(self, tokens, state)
+        return hidden * float("nan"), state
 
-    FastWeightLM.forward = poisoned
+    FastWeightLM.encode = poisoned
     try:
         with pytest.raises(FloatingPointError, match="non-finite loss"):
             pretrain(tiny_cfg(), cfg, RandomCorpus(), tmp_path, "cpu", resume=True)
     finally:
-        FastWeightLM.forward = original_forward
+        FastWeightLM.encode = original_encode
     kept = load_checkpoint(tmp_path)
     assert kept["step"] == 3 and all(torch.equal(v, kept["model"][k]) for k, v in good.items())
 
@@ -198,16 +198,20 @@ def _pieces(*parts):
 
 
 class FixedPredictor(torch.nn.Module):
-    """Puts probability p on the true next token at every position (V = 4, the rest spread evenly)."""
+    """Puts probability p on the true next token at every position (V = 4, the rest spread evenly). Its "hidden
+    states" are those log-probabilities and its head is the identity (D = V = 4)."""
 
     def __init__(self, p):
         super().__init__()
         self.p = p
 
-    def forward(self, tokens):
+    def encode(self, tokens):
         probs = torch.full((*tokens.shape, 4), (1 - self.p) / 3)  # (B, T, V)
         probs[:, :-1].scatter_(-1, tokens[:, 1:, None], self.p)
         return probs.log(), None
+
+    def head(self, hidden):
+        return hidden
 
 
 def test_validation_is_the_ntp_loss_and_a_sampled_token_accuracy():
