@@ -27,21 +27,16 @@ founder) and that founder's person passage; both are gold passages (needle_token
 
 Exact length: the gold passages plus as many distractor passages (other people, other companies, all from the same
 split) as fit; the tokens still missing (fewer than one passage, until the split's people run out at long lengths)
-are prose filler (tail fragment of a sentence, then whole sentences) appended after the last passage. min_length
+are prose filler (the last words of a sentence, then whole sentences) appended after the last passage. min_length
 gives the shortest length that holds every prompt (gold passages and question at their longest). The first gold
 passage sits at passage index round(depth × #distractors); the second (two-hop) at a random index.
 Score (ReFINE/RULER QA): the output before its first newline, stripped; 1 if any gold answer is a case-insensitive
 substring of it, else 0.
 Deviations: synthetic entities and templated passages instead of SQuAD/HotpotQA paragraphs; our tokenizer; entities
 (people, cities, companies) are partitioned by split (textgen.py), so eval answers never occur in training text.
-Known wart, measured and left: when the filler's tail fragment starts with punctuation (e.g. "." after a passage's
-final "."), the ids are not the ones encode() would give for the same text (19 of 150 qa and 11 of 150 qa_2hop
-prompts at 512 tokens; re-encoded, such a text is one token shorter). The prompt still has exactly `length` ids and
-decodes to the intended text. Choosing another cut would change the synthetic pre-training corpus (which embeds
-these prompts as text), and with it every figure in the README, so it waits for the next re-measurement.
-Eval-split city names that are substrings of others (Elfield in Belfield, textgen.py) can score a wrong city as
-right under the substring rule; the same holds for the official metric on real data, and it is left for the same
-reason.
+The ids are the ones encode() gives for the prompt's text (a test checks every task): the filler starts at a word
+(_prose_filler), since a cut "." after a passage's final "." merges into "..", and a cut inside a word re-encodes
+differently.
 """
 
 import functools
@@ -50,6 +45,7 @@ import random
 from refine_mini.textgen import (COMPANY_PASSAGES, JOBS, PERSON_PASSAGES, QA_INSTRUCTION, Example, company_passage,
                                  encode_cached, make_city, make_company, make_person, max_tokens, person_passage,
                                  prose_sentence, qa_question, split_items, unique)
+from refine_mini.tokenizer import decode
 
 QA_PREFIX = QA_INSTRUCTION + "\n\nThe following are given passages.\n"
 QUESTIONS = ("Where was {name} born?", "Which company does {name} work for?")  # one-hop: city / employer
@@ -180,13 +176,26 @@ def min_length(hops: int, split: str = "eval") -> int:
 
 
 def _prose_filler(rng: random.Random, n: int) -> list[int]:
-    """Exactly n tokens of prose: the tail of one sentence, then whole sentences."""
-    sents, total = [], 0
-    while total < n:
-        sents.append(encode_cached(prose_sentence(rng)))
-        total += len(sents[-1])
-    ids = [t for s in sents for t in s]
-    return ids[total - n:]
+    """Exactly n tokens of prose whose ids are the ones encode() gives for the text in place: the last n tokens of a
+    stream of sentences (a sentence's tail, then whole sentences), drawing one more sentence while they do not start
+    at a word (a token with a leading space). One token cannot both start at a word and end a sentence (on its
+    "."), so n = 1 is one word: the first of a fresh sentence."""
+    if n == 1:
+        return [encode_cached(prose_sentence(rng))[0]]
+    stream: list[int] = []
+    while n:
+        while len(stream) < n:
+            stream.extend(encode_cached(prose_sentence(rng)))
+        if _starts_word(stream[-n]):
+            return stream[-n:]
+        stream.extend(encode_cached(prose_sentence(rng)))
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def _starts_word(token: int) -> bool:
+    """The token begins with a space: GPT-2's pre-tokeniser starts a new piece there, whatever precedes it."""
+    return decode([token]).startswith(" ")
 
 
 def score_qa(output: str, answers: list[str]) -> float:

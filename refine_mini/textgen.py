@@ -20,7 +20,9 @@ item satisfies a rule that ties it to exactly one code:
     city     "<Prefix><suffix>"      (i_prefix + i_suffix) % 3 == code
     company  "<Root> <Kind>"         (i_root + i_kind) % 3 == code
 Every word still appears in every split (only the combinations are partitioned), so the eval tokens are all trained.
-Word lists hold no duplicates, so each combination has exactly one index pair (a test checks this).
+Word lists hold no duplicates, so each combination has exactly one index pair, and no item is a substring of another
+item of its kind and split, so the substring metrics (RULER's) never credit a wrong entity (tests check both; a
+prefix "El" once made "Elfield" a substring of "Belfield", and "Cal" took its place: the same token counts).
 """
 
 import functools
@@ -45,7 +47,7 @@ FIRST_NAMES = ("James Mary John Peter David Paul Mark Robert Thomas Daniel Frank
 LAST_NAMES = ("Smith Brown Miller Wilson Taylor Hall Young King Green Hill Bell Wood Ford Stone West Moore Clark "
               "Wright Baker Adams Carter Turner Parker Evans Collins Morris Reed Cook Murphy Bailey Cooper Ward Gray "
               "Fisher Hunt Mason").split()
-CITY_PREFIXES = "Ash Bel Cor Dun El Fair Iron North Pen Red South Fox Gold High Long Glen Hart Mill Oak Elm".split()
+CITY_PREFIXES = "Ash Bel Cor Dun Cal Fair Iron North Pen Red South Fox Gold High Long Glen Hart Mill Oak Elm".split()
 CITY_SUFFIXES = "ton field mouth port stead worth haven ford bury wick dale ham ville".split()
 COMPANY_ROOTS = ("Apex Blue Cedar Delta Echo Falcon Granite Harbor Indigo Jade Maple Nova Orbit Pioneer Quartz "
                  "Summit Tidal Unity Vertex Willow Zenith Amber Beacon Crown Eagle Fern Global Horizon Ivory "
