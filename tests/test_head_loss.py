@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.measure import cpu_peak_bytes
+from refine_mini import head_loss as head_loss_module
 from refine_mini.head_loss import IGNORE, head_loss, head_loss_reference
 from refine_mini.model import FastWeightLM, ModelConfig
 from refine_mini.refine import RefineConfig, refine_step
@@ -71,10 +72,15 @@ def test_the_entropy_and_nll_are_the_textbook_formulas():
     torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))
 
 
-def test_no_gradient_is_computed_or_kept_without_grad_mode_and_one_sided_grads_work():
+def test_no_gradient_is_computed_or_kept_without_grad_mode_and_one_sided_grads_work(monkeypatch):
+    """Under no_grad (evaluation's answer NLL) the blocks skip the gradient work, which the fused path otherwise does
+    in its forward: autograd.Function still reports needs_input_grad there, so head_loss must check grad mode."""
     hidden, weight, targets, _ = problem(9, 3, 5, torch.float64, 2)
+    seen, real_block = [], head_loss_module._block
+    monkeypatch.setattr(head_loss_module, "_block", lambda *a: (seen.append(a[-1] is None), real_block(*a))[1])
     with torch.no_grad():
-        loss, _, _ = head_loss(hidden, weight, targets)
+        loss, _, _ = head_loss(hidden, weight, targets, block_rows=4)
+    assert seen == [True] * 3  # 9 rows in blocks of 4, none with a gradient accumulator
     assert not loss.requires_grad and loss.grad_fn is None
     assert loss == head_loss_reference(hidden, weight, targets)[0]
     for frozen in ("hidden", "weight"):  # only the other input requires grad (e.g. a frozen head)
