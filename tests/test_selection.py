@@ -128,15 +128,17 @@ def test_pad_documents_right_pads():
     assert tokens.tolist() == [[1, 2, 3], [4, 0, 0]] and lengths.tolist() == [3, 1]
 
 
-def test_blocked_entropy_equals_one_block():
-    """entropy_from_hidden in row blocks (ragged last block) equals the one-block computation."""
+def test_blocked_entropy_equals_the_full_logits_formula():
+    """entropy_from_hidden (the head loss's row blocks, a ragged last one: 3·97 rows in blocks of 256) equals
+    -Σ p log p of the full logits, with the fused and with the plain head."""
     torch.manual_seed(0)
     model = FastWeightLM(ModelConfig(mixer="deltanet", **TINY))
-    hidden = torch.randn(3, 7, 32)
-    one = entropy_from_hidden(model, hidden, block=10**6)
-    torch.testing.assert_close(entropy_from_hidden(model, hidden, block=5), one, atol=0, rtol=0)
+    hidden = torch.randn(3, 97, 32)
     p = torch.softmax(model.head(hidden).double(), -1)
-    torch.testing.assert_close(one.double(), -(p * p.log()).sum(-1), atol=1e-5, rtol=1e-5)
+    for fused in (True, False):
+        model.fused_head = fused
+        torch.testing.assert_close(entropy_from_hidden(model, hidden).double(), -(p * p.log()).sum(-1),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_entropy_sampling_uses_the_smoothed_entropy():
