@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.baselines import delta_rule_chunked_plain, delta_rule_recurrent_indexed  # noqa: E402
-from bench.measure import back_to_back, cpu_peak_bytes, onednn_rate, sync, timed  # noqa: E402
+from bench.measure import back_to_back, onednn_rate, peak_bytes, timed  # noqa: E402
 from refine_mini.common import keep_freed_memory  # noqa: E402
 from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
 
@@ -115,14 +115,7 @@ def forward_peak(xs, C, grad: bool) -> int | None:
     def run():
         with torch.set_grad_enabled(grad):
             delta_rule_chunked(*xs[:4], chunk_size=C, initial_state=xs[4])
-    if DEV != "cuda":
-        return cpu_peak_bytes(run)
-    sync()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    sync()
-    return torch.cuda.max_memory_allocated() - base
+    return peak_bytes(run, DEV)
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
-"""Measuring helpers for bench/kernels.py: wall-time medians (interleaved and back to back), the peak tensor memory of
-a call on CPU, and the oneDNN matmul rate beside MKL's.
+"""Measuring helpers for the bench scripts: wall-time medians (interleaved and back to back), the peak tensor memory of
+a call (CPU and CUDA), and the oneDNN matmul rate beside MKL's.
 
 Question answered: how do we time and size a kernel fairly on a shared, noisy machine, in one run?
 """
@@ -81,6 +81,19 @@ def cpu_peak_bytes(fn) -> int | None:
         live += n.extra_fields.alloc_size
         peak = max(peak, live)
     return peak
+
+
+def peak_bytes(fn, device) -> int | None:
+    """Peak bytes of tensor memory held while fn() runs, above what was held before it: on CUDA the allocator's
+    own peak, elsewhere cpu_peak_bytes."""
+    if torch.device(device).type != "cuda":
+        return cpu_peak_bytes(fn)
+    sync()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def onednn_rate(a: torch.Tensor) -> float | None:

@@ -6,8 +6,8 @@ cross-entropy in row blocks with its gradient in closed form, so the (B, T, V) l
 Measured in one run, on the same random batch, for DeltaNet and LaCT at each --lengths T:
   peak tensor memory of one NTP step and one REFINE step (schedule "single"), plain / fused     target >= 1.5
   wall time of the same steps, fused / plain (median of --reps, interleaved)                    target <= 1.1
-The targets are checked at the longest T. Peak memory: on CPU from the profiler's allocation records
-(bench/measure.cpu_peak_bytes), on CUDA from torch.cuda.max_memory_allocated; both above what was held before.
+The targets are checked at the longest T. Peak memory is bench/measure.peak_bytes: the profiler's allocation records
+on CPU, the allocator's own peak on CUDA, both above what was held before.
 
     python bench/memory.py              # T = 2048 and 8192, B = 2
     python bench/memory.py --quick      # smoke run: T = 512, 1 repetition
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.measure import cpu_peak_bytes, timed  # noqa: E402
+from bench.measure import peak_bytes, timed  # noqa: E402
 from refine_mini.common import keep_freed_memory  # noqa: E402
 from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
 from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
@@ -27,18 +27,6 @@ from refine_mini.trainer import TrainConfig, clip_and_step, make_optimizer, ntp_
 
 MEMORY_TARGET, TIME_TARGET = 1.5, 1.1
 MiB = 2 ** 20
-
-
-def peak_bytes(fn, device: torch.device) -> int | None:
-    """Peak bytes of tensor memory held while fn() runs, above what was held before it."""
-    if device.type != "cuda":
-        return cpu_peak_bytes(fn)
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
 
 
 def steps(model, tokens: torch.Tensor, cfg: RefineConfig) -> dict:
