@@ -268,7 +268,7 @@ def main(argv=None) -> dict:
     meta = {"seed": args.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2),
             "argv": list(sys.argv[1:] if argv is None else argv), "memory_method": peak_memory(device)["method"],
-            "state_bytes_method": "sum of numel * element_size over ModelState tensors after the prefill, per row",
+            "state_bytes_method": "bytes of the storages behind the ModelState after the prefill, per row",
             "protocol": "method.md §6, scaled down (see refine_mini/evaluate.py)"}
     results = {"meta": meta, "grid": grid, "runs": records, "cells": cells}
     report(results, use_color(args.no_color))

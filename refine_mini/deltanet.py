@@ -157,7 +157,8 @@ class DeltaNet(nn.Module):
         weight = self.conv.weight[:, 0, :]                                           # (channels, W)
         conv_out = sum(ctx[:, j:j + T] * weight[:, j] for j in range(self.conv_size))  # (B,T,channels)
         conv_out = F.silu(conv_out)
-        new_conv = ctx[:, ctx.shape[1] - (self.conv_size - 1):]                      # (B,W-1,channels) pre-conv
+        # (B,W-1,channels) pre-conv; a copy, as a view would keep all of ctx (B,W-1+T,channels) alive in the state
+        new_conv = ctx[:, ctx.shape[1] - (self.conv_size - 1):].clone()
         q, k, v = conv_out.split([H * Dk, H * Dk, H * Dv], dim=-1)                   # (B,T,H·D) each
         q = q.reshape(B, T, H, Dk).transpose(1, 2)                                   # (B,H,T,Dk)
         k = k.reshape(B, T, H, Dk).transpose(1, 2)                                   # (B,H,T,Dk)

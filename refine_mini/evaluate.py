@@ -78,9 +78,11 @@ def load_run(path: str | Path, device) -> Run:
 
 
 def state_bytes(state: ModelState) -> int:
-    """Bytes held by the recurrent state: sum of numel * element_size over every tensor of every layer state."""
-    return sum(value.numel() * value.element_size() for layer in state.layers
-               for value in vars(layer).values() if isinstance(value, torch.Tensor))
+    """Bytes held by the recurrent state: the storages behind its tensors, each counted once. (numel * element_size
+    would undercount a view into a larger tensor, which keeps all of that tensor's memory alive.)"""
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for layer in state.layers
+                for t in vars(layer).values() if isinstance(t, torch.Tensor)}  # empty ones share key and 0 bytes
+    return sum(storages.values())
 
 
 def first_line(text: str) -> str:

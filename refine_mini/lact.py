@@ -233,7 +233,8 @@ class LaCT(nn.Module):
             buffer, self.chunk_size, self.use_momentum, self.use_muon, history)  # o (B, Hf, T, d)
         y = self.combine(x, attn, o.transpose(1, 2))  # (B, T, D)
 
-        buf_k, buf_v, buf_eta, buf_m = map(to_kernel, buffer)  # back to (B, n_buf, Hf, ...)
+        # back to (B, n_buf, Hf, ...); copies, as views would keep the whole (B, T, ...) inputs alive in the state
+        buf_k, buf_v, buf_eta, buf_m, swa_k, swa_v = (t.clone() for t in (*map(to_kernel, buffer), swa_k, swa_v))
         new_state = LaCTState(*ws, *ms, state.n0, state.n1, state.n2, buf_k=buf_k, buf_v=buf_v,
                               buf_eta=buf_eta, buf_m=buf_m, swa_k=swa_k, swa_v=swa_v, pos=state.pos + T)
         return y, new_state, (ka, va, fk, fv, eta, mom)

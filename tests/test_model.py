@@ -129,3 +129,23 @@ def test_sampling_is_reproducible_from_the_generator_alone(mixer):
 def test_unknown_mixer_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model"):
         ModelConfig(mixer="mamba")
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("short, long", [(13, 301), (64, 512)])
+def test_the_state_holds_only_its_own_memory(mixer, short, long):
+    """Every state tensor owns its storage (a view into the pass's (B, T, .) tensors would keep them alive), so
+    evaluate.state_bytes, which counts storages, is the same after `short` and `long` tokens (same length modulo
+    LaCT's chunk of 8, whose partial-chunk buffer is part of the state)."""
+    from refine_mini.evaluate import state_bytes
+    model = tiny(mixer)
+    sizes = []
+    for length in (short, long):
+        with torch.no_grad():
+            state = model(torch.randint(0, 64, (2, length)))[2]
+        for layer_state in state.layers:
+            for name, value in vars(layer_state).items():
+                if isinstance(value, torch.Tensor):
+                    assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), name
+        sizes.append(state_bytes(state))
+    assert sizes[0] == sizes[1] > 0
