@@ -117,6 +117,7 @@ def check_refine_step(device):
         torch.manual_seed(0)
         model = FastWeightLM(ModelConfig(mixer=mixer, **SMALL)).to(device)
         before = [p.detach().clone() for p in model.parameters()]
+        start = {name: t.detach().clone() for name, t in model.state_dict().items()}
         optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
         metrics = refine_step(model, optimizer, tokens, RefineConfig(c=4, k=3), make_generator(0, torch.device(device)))
         finite = all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values() if isinstance(v, (int, float)))
@@ -124,6 +125,13 @@ def check_refine_step(device):
         ok = finite and weights_finite(model.state_dict()) and moved > 0
         yield f"{mixer}: one REFINE step (generator on {device}): finite metrics and weights, weights moved " \
               f"(max change {moved:.1e})", ok, None
+        after = [p.detach().clone() for p in model.parameters()]
+        model.load_state_dict(start)  # the same start, now with activation checkpointing
+        model.grad_checkpoint = True
+        refine_step(model, make_optimizer(model, TrainConfig(lr=1e-3)), tokens, RefineConfig(c=4, k=3),
+                    make_generator(0, torch.device(device)))
+        yield f"{mixer}: the same REFINE step with grad_checkpoint: same weights after it", \
+            max(rel(p.detach(), a) for p, a in zip(model.parameters(), after)), 1e-4
 
 
 def check_checkpoint(device, folder: Path):
@@ -144,6 +152,9 @@ def check_cli(device, folder: Path):
     base = ["--device", device]
     runs = [("pretrain", lambda: train.main(["--model", "deltanet", "--regime", "pretrain", "--out",
                                              str(folder / "pre"), "--max-steps", "3", *base])),
+            ("pretrain --grad-checkpoint (compiled on CUDA)", lambda: train.main([
+                "--model", "deltanet", "--regime", "pretrain", "--out", str(folder / "pre-ckpt"), "--max-steps", "3",
+                "--grad-checkpoint", *base])),
             ("mid", lambda: train.main(["--model", "deltanet", "--regime", "mid", "--init", str(folder / "pre"),
                                         "--out", str(folder / "mid"), "--max-steps", "2", *base])),
             ("post", lambda: train.main(["--model", "deltanet", "--regime", "post", "--init", str(folder / "pre"),

@@ -14,6 +14,10 @@ vectors REFINE's cosine reward compares (method.md §1.2, §5) -- *and* the new 
 The recurrent state is an explicit value, `ModelState`, one entry per layer. Every per-layer state is a dataclass
 whose tensor fields have the batch at dim 0, so the four operations rollouts need -- clone, detach, select rows,
 repeat rows -- are written once, here, for every mixer.
+
+Memory switches (attributes, not config: they change no number): `fused_head` (default on) computes training losses
+without the (B, T, V) logits (head_loss.py); `grad_checkpoint` (default off; --grad-checkpoint) recomputes each
+block in the backward from its input instead of keeping its activations, as the paper's training does (method.md §2).
 """
 
 import dataclasses
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from refine_mini.deltanet import DeltaNet
 from refine_mini.head_loss import head_loss, head_loss_reference
@@ -163,6 +168,7 @@ class FastWeightLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight  # (V, D): one matrix reads and writes tokens
         self.fused_head = True  # head_loss: blockwise fused cross-entropy (False: the plain full-logits reference)
+        self.grad_checkpoint = False  # recompute each block in the backward instead of keeping its activations
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -176,9 +182,18 @@ class FastWeightLM(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states):
-            x, layer_state = block(x, layer_state)
+            x, layer_state = self._run_block(block, x, layer_state)
             new_states.append(layer_state)
         return self.final_norm(x), ModelState(new_states)  # (B, T, D): the vector REFINE's cosine reward compares
+
+    def _run_block(self, fn, *args):
+        """fn(*args) for one block. With `grad_checkpoint` on (an attribute, default False) and autograd recording,
+        the block's inner activations are not kept: the backward recomputes them from the block's inputs
+        (activation checkpointing, method.md §2: the paper trains with verl's per-layer gradient checkpointing).
+        What stays per block is its input x (B, T, D) and its outputs (the next x, the state or the record)."""
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)  # the blocks draw no random numbers
+        return fn(*args)
 
     def can_snapshot(self) -> bool:
         """True when every mixer can rebuild prefix states from a recorded full pass (DeltaNet and LaCT both can)."""
@@ -189,7 +204,7 @@ class FastWeightLM(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         records = []
         for block in self.blocks:
-            x, record = block.forward_recorded(x)
+            x, record = self._run_block(block.forward_recorded, x)
             records.append(record)
         return self.final_norm(x), records  # (B, T, D)
 

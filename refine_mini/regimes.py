@@ -59,6 +59,7 @@ class RegimeConfig:
     grad_clip: float = 1.0  # global grad-norm clip (method.md §8.5: the code's 1.0, not the paper's 0.2)
     ckpt_every: int = 10  # batches between checkpoints (and one at the end)
     seed: int = 0  # drives data, rollouts and evaluation sampling
+    grad_checkpoint: bool = False  # per-block activation checkpointing: the paper's is on (16K tokens), ours off (512)
     refine: dict = field(default_factory=dict)  # RefineConfig overrides (c, k, n, reward, lambda_rl, ...)
     train_tasks: tuple = ("s_niah", "mk_niah", "qa")  # post: TRAINING-split tasks, mixed within each batch
     eval_tasks: tuple = ("s_niah", "qa")  # post: the quick before/after score (EVAL split, greedy)
@@ -90,7 +91,7 @@ def resolve_config(args) -> RegimeConfig:
         raise ValueError(f"--objective {objective!r} is not available for --regime {args.regime}; "
                          f"choose one of {', '.join(OBJECTIVES[args.regime])}")
     cfg.objective, cfg.seed = objective, args.seed
-    for name in ("max_steps", "batch_size", "seq_len", "lr"):
+    for name in ("max_steps", "batch_size", "seq_len", "lr", "grad_checkpoint"):
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
     for name in REFINE_FLAGS:
@@ -147,8 +148,7 @@ def ntp_step(model, optimizer, tokens: torch.Tensor, grad_clip: float) -> dict:
     loss = ntp_loss_from_hidden(model, model.encode(tokens)[0], tokens)  # hidden (B, T, D), fused head loss
     check_finite({"ntp_loss": loss.item()}, ("ntp_loss",))
     loss.backward()
-    grad_norm = clip_and_step(model, optimizer, grad_clip)
-    return {"ntp_loss": loss.item(), "grad_norm": grad_norm,
+    return {"ntp_loss": loss.item(), "grad_norm": clip_and_step(model, optimizer, grad_clip),
             "tokens_per_s": tokens.numel() / (clock(tokens.device) - t0)}
 
 
@@ -173,7 +173,8 @@ def base_checkpoint(args, device) -> Path:
               f"(as python train.py --model {args.model} --regime pretrain)")
         pre_args = argparse.Namespace(model=args.model, data=getattr(args, "data", None), seed=args.seed,
                                       compile=getattr(args, "compile", "off"), max_steps=None, seq_len=None,
-                                      batch_size=None, lr=None, answer_weight=None, resume=False)
+                                      batch_size=None, lr=None, answer_weight=None, resume=False,
+                                      grad_checkpoint=getattr(args, "grad_checkpoint", False))
         base.mkdir(parents=True, exist_ok=True)
         train.run_pretrain(pre_args, base, torch.device(device))
     return base
@@ -196,9 +197,9 @@ class Run:
         resume = getattr(args, "resume", False) and (out / "ckpt.pt").exists()
         ckpt = load_checkpoint(out if resume else base_checkpoint(args, device), expect_mixer=args.model,
                                for_resume=resume, vocab=tokenizer.vocab_size())
-        if not cfg.seq_len:
-            cfg.seq_len = checkpoint_seq_len(ckpt)
+        cfg.seq_len = cfg.seq_len or checkpoint_seq_len(ckpt)
         self.model = model_from_checkpoint(ckpt, device).train()
+        self.model.grad_checkpoint = cfg.grad_checkpoint
         self.optimizer = make_optimizer(self.model, cfg)  # AdamW (β1, β2), decay on matrices, constant LR
         self.rcfg = refine_config(dict(cfg.refine))
         if cfg.objective == "refine":  # c prefix ends, each with k rollout tokens after it, in one document or prompt
@@ -207,8 +208,7 @@ class Run:
         if resume:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             set_rng_state(ckpt["rng"])
-            self.step, self.opt_steps = ckpt["step"], ckpt.get("opt_steps", 0)
-            self.extra = ckpt.get("extra", {})
+            self.step, self.opt_steps, self.extra = ckpt["step"], ckpt.get("opt_steps", 0), ckpt.get("extra", {})
             print(f"resuming {out} at step {self.step} ({self.opt_steps} optimizer steps)")
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr  # constant schedule (method.md §2), also after loading a pre-training optimizer
