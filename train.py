@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (auto: on for CUDA, off on CPU where compiling costs minutes)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block's activations in the backward (the paper's setting): 1.8-3.6x less "
-                        "memory for 20-45 %% more time (README, Design notes)")
+                        "memory for 20-40 %% more time (README, Design notes)")
+    p.add_argument("--checkpoint-segment", type=int, metavar="N",
+                   help="checkpoint each block on N-token pieces, one after another (implies --grad-checkpoint; "
+                        "a multiple of the chunk size, e.g. 2048): less memory again at long context")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run (without it, that is an error)")
@@ -79,7 +82,7 @@ def check_args(args) -> None:
         raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     if args.regime not in REGIMES:
         raise ValueError(f"unknown regime {args.regime!r}; choose one of {', '.join(REGIMES)}")
-    for name in ("max_steps", "seq_len", "batch_size"):
+    for name in ("max_steps", "seq_len", "batch_size", "checkpoint_segment"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name, low in (("lr", "> 0"), ("answer_weight", "> 0"), ("lambda_rl", ">= 0")):
@@ -125,7 +128,8 @@ def run_pretrain(args, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
     compile_ = (args.compile == "on") or (args.compile == "auto" and device.type == "cuda")
     cfg = TrainConfig(max_steps=PRETRAIN_STEPS[args.model], seed=args.seed, compile=compile_,
-                      grad_checkpoint=args.grad_checkpoint)
+                      grad_checkpoint=args.grad_checkpoint,
+                      checkpoint_segment=getattr(args, "checkpoint_segment", None) or 0)  # (not in base_checkpoint's)
     overrides = {"max_steps": args.max_steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
                  "answer_weight": args.answer_weight}
     for f in fields(cfg):

@@ -46,7 +46,8 @@ class TTTConfig:
     beta2: float = 0.999
     grad_clip: float = 1.0
     sft_steps: int = 1  # NTP steps per batch for sft-ttt (the paper's baseline takes 1)
-    grad_checkpoint: bool = False  # activation checkpointing per block (FastWeightLM.grad_checkpoint)
+    grad_checkpoint: bool = False  # activation checkpointing per block (FastWeightLM.set_checkpointing)
+    checkpoint_segment: int = 0  # ... on pieces of this many tokens (0: whole prompts)
     refine: dict = field(default_factory=lambda: {"reward": "binary", "lambda_ntp": 1.0, "lambda_rl": 0.4,
                                                   "schedule": "minibatch", "minibatches": 2})
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-steps", type=int, default=1, help="NTP optimizer steps per batch for sft-ttt")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block's activations in the backward: for long prompts (README)")
+    p.add_argument("--checkpoint-segment", type=int, metavar="N",
+                   help="checkpoint each block on N-token pieces (implies --grad-checkpoint; a multiple of the "
+                        "chunk size, e.g. 2048)")
     p.add_argument("--seed", type=int, default=0, help="eval prompts and rollout sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     return p
@@ -86,7 +90,7 @@ def run_method(ckpt: dict, examples: list, method: str, mode: str, cfg: TTTConfi
 
     on_batch(b, model), if given, is called right before batch b is adapted (tests inspect the weights there)."""
     model = model_from_checkpoint(ckpt, device)
-    model.grad_checkpoint = cfg.grad_checkpoint
+    model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)  # ValueError for a bad segment
     initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
     optimizer = make_optimizer(model, cfg)
     rcfg = refine_config(dict(cfg.refine))
@@ -109,7 +113,7 @@ def main(argv=None) -> dict:
     try:
         if args.task not in TASKS:
             raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
-        for name in ("samples", "batch_size", "sft_steps", "length"):
+        for name in ("samples", "batch_size", "sft_steps", "length", "checkpoint_segment"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -127,7 +131,8 @@ def main(argv=None) -> dict:
         ckpt = load_checkpoint(args.ckpt, vocab=tokenizer.vocab_size())
         length = args.length or checkpoint_seq_len(ckpt)
         examples = make_task_examples(args.task, args.samples, length, None, args.seed, split="eval")
-        cfg = TTTConfig(lr=args.lr, sft_steps=args.sft_steps, grad_checkpoint=args.grad_checkpoint)
+        cfg = TTTConfig(lr=args.lr, sft_steps=args.sft_steps, grad_checkpoint=args.grad_checkpoint,
+                        checkpoint_segment=args.checkpoint_segment or 0)
         mixer = ckpt["model_config"].get("mixer")
         label = "weights carried across batches, as the official code" if args.mode == "cumulative" \
             else "weights reset before every batch"

@@ -126,12 +126,13 @@ def check_refine_step(device):
         yield f"{mixer}: one REFINE step (generator on {device}): finite metrics and weights, weights moved " \
               f"(max change {moved:.1e})", ok, None
         after = [p.detach().clone() for p in model.parameters()]
-        model.load_state_dict(start)  # the same start, now with activation checkpointing
-        model.grad_checkpoint = True
-        refine_step(model, make_optimizer(model, TrainConfig(lr=1e-3)), tokens, RefineConfig(c=4, k=3),
-                    make_generator(0, torch.device(device)))
-        yield f"{mixer}: the same REFINE step with grad_checkpoint: same weights after it", \
-            max(rel(p.detach(), a) for p, a in zip(model.parameters(), after)), 1e-4
+        for segment in (0, 32):  # the same start, now with activation checkpointing (whole blocks, 32-token pieces)
+            model.load_state_dict(start)
+            model.set_checkpointing(True, segment)
+            refine_step(model, make_optimizer(model, TrainConfig(lr=1e-3)), tokens, RefineConfig(c=4, k=3),
+                        make_generator(0, torch.device(device)))
+            yield f"{mixer}: the same REFINE step checkpointed (segment {segment}): same weights after it", \
+                max(rel(p.detach(), a) for p, a in zip(model.parameters(), after)), 1e-4
 
 
 def check_checkpoint(device, folder: Path):
@@ -152,9 +153,9 @@ def check_cli(device, folder: Path):
     base = ["--device", device]
     runs = [("pretrain", lambda: train.main(["--model", "deltanet", "--regime", "pretrain", "--out",
                                              str(folder / "pre"), "--max-steps", "3", *base])),
-            ("pretrain --grad-checkpoint (compiled on CUDA)", lambda: train.main([
+            ("pretrain --checkpoint-segment 64 (compiled on CUDA)", lambda: train.main([
                 "--model", "deltanet", "--regime", "pretrain", "--out", str(folder / "pre-ckpt"), "--max-steps", "3",
-                "--grad-checkpoint", *base])),
+                "--checkpoint-segment", "64", *base])),
             ("mid", lambda: train.main(["--model", "deltanet", "--regime", "mid", "--init", str(folder / "pre"),
                                         "--out", str(folder / "mid"), "--max-steps", "2", *base])),
             ("post", lambda: train.main(["--model", "deltanet", "--regime", "post", "--init", str(folder / "pre"),

@@ -108,10 +108,20 @@ class DeltaNet(nn.Module):
         y, state, _ = self._run(x, state)
         return y, state
 
-    def forward_recorded(self, x: torch.Tensor):
-        """forward(x) from the start, plus a record from which `snapshots` rebuilds the state after any position."""
-        y, _, record = self._run(x, None, record=True)
-        return y, record
+    def forward_recorded(self, x: torch.Tensor, state: DeltaNetState | None = None):
+        """forward(x, state) plus a record from which `snapshots` rebuilds the state after any position: (y, state,
+        record). From the start (state None), or a later segment of a pass whose records `merge_records` joins."""
+        return self._run(x, state, record=True)
+
+    def merge_records(self, records: list):
+        """The record of the whole pass from those of its consecutive segments (the first from the start, all but
+        the last a multiple of chunk_size tokens, so chunk boundaries stay where one pass puts them): the contexts
+        without the W-1 rows each later one repeats, q, k, v, beta along T, the chunk-entry states along N."""
+        if any(r[1].shape[2] % self.chunk_size for r in records[:-1]):
+            raise ValueError(f"recorded segments must be multiples of the chunk size {self.chunk_size} tokens")
+        ctx = torch.cat([records[0][0]] + [r[0][:, self.conv_size - 1:] for r in records[1:]], 1)  # (B, W-1+T, ch)
+        q, k, v, beta, hs = (torch.cat([r[i] for r in records], 2) for i in range(1, 6))  # (B, H, T or N, ...)
+        return ctx, q, k, v, beta, hs, records[-1][6]
 
     def snapshots(self, record, ends) -> list:
         """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph): the

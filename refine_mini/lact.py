@@ -174,11 +174,26 @@ class LaCT(nn.Module):
         y, new_state, _ = self._run(x, state)
         return y, new_state
 
-    def forward_recorded(self, x):
-        """forward(x) from the start, plus a record from which `snapshots` rebuilds the state after any position."""
+    def forward_recorded(self, x, state=None):
+        """forward(x, state) plus a record from which `snapshots` rebuilds the state after any position: (y, state,
+        record). From the start (state None), or a later segment of a pass whose records `merge_records` joins."""
         history = []
-        y, final, inputs = self._run(x, None, history)
-        return y, (history, final, inputs)
+        y, final, inputs = self._run(x, state, history)
+        return y, final, (history, final, inputs)
+
+    def merge_records(self, records: list):
+        """The record of the whole pass from those of its consecutive segments (the first from the start, all but
+        the last a multiple of chunk_size tokens, so no partial chunk crosses a boundary): the fast-weight history
+        without the entry each later segment starts with (its incoming weights), the window keys and values without
+        the rows each later one repeats, the fast inputs along T."""
+        T = [r[2][2].shape[1] for r in records]  # tokens of each segment (fk: (B, T, Hf, d))
+        if any(n % self.chunk_size for n in T[:-1]):
+            raise ValueError(f"recorded segments must be multiples of the chunk size {self.chunk_size} tokens")
+        history = records[0][0] + [entry for r in records[1:] for entry in r[0][1:]]
+        ka, va = (torch.cat([r[2][i][:, r[2][i].shape[1] - n:] for r, n in zip(records, T)], 1)  # (B, T, Ha, dh)
+                  for i in (0, 1))
+        fk, fv, eta, mom = (torch.cat([r[2][i] for r in records], 1) for i in range(2, 6))  # (B, T, Hf, .)
+        return history, records[-1][1], (ka, va, fk, fv, eta, mom)
 
     def snapshots(self, record, ends):
         """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph):

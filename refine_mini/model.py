@@ -143,9 +143,10 @@ class Block(nn.Module):
     def forward(self, x, state=None):
         return self._residuals(x, *self.mixer(self.mixer_norm(x), state))
 
-    def forward_recorded(self, x):
-        """From the start, with the mixer's record for snapshots instead of its final state."""
-        return self._residuals(x, *self.mixer.forward_recorded(self.mixer_norm(x)))
+    def forward_recorded(self, x, state=None):
+        """forward(x, state) with the mixer's record for snapshots as well: (x, state, record)."""
+        mixed, state, record = self.mixer.forward_recorded(self.mixer_norm(x), state)
+        return (*self._residuals(x, mixed, state), record)
 
     def _residuals(self, x, mixed, extra):
         x = x + mixed
@@ -169,6 +170,7 @@ class FastWeightLM(nn.Module):
             self.lm_head.weight = self.embed.weight  # (V, D): one matrix reads and writes tokens
         self.fused_head = True  # head_loss: blockwise fused cross-entropy (False: the plain full-logits reference)
         self.grad_checkpoint = False  # recompute each block in the backward instead of keeping its activations
+        self.checkpoint_segment = 0  # ... on pieces of this many tokens, one after another (0: the whole sequence)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -182,18 +184,41 @@ class FastWeightLM(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states):
-            x, layer_state = self._run_block(block, x, layer_state)
+            x, layer_state, _ = self._run_block(block, x, layer_state)
             new_states.append(layer_state)
         return self.final_norm(x), ModelState(new_states)  # (B, T, D): the vector REFINE's cosine reward compares
 
-    def _run_block(self, fn, *args):
-        """fn(*args) for one block. With `grad_checkpoint` on (an attribute, default False) and autograd recording,
-        the block's inner activations are not kept: the backward recomputes them from the block's inputs
-        (activation checkpointing, method.md §2: the paper trains with verl's per-layer gradient checkpointing).
-        What stays per block is its input x (B, T, D) and its outputs (the next x, the state or the record)."""
-        if self.grad_checkpoint and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)  # the blocks draw no random numbers
-        return fn(*args)
+    def set_checkpointing(self, enabled: bool, segment: int = 0) -> None:
+        """Activation checkpointing per block (`grad_checkpoint`), on `segment`-token pieces of the sequence if
+        segment > 0 (`checkpoint_segment`; it turns checkpointing on). ValueError for a segment that the recorded
+        pass could not join: it must be a multiple of every mixer's chunk."""
+        chunks = sorted({block.mixer.chunk_size for block in self.blocks})
+        if segment < 0 or any(segment % c for c in chunks):
+            raise ValueError(f"--checkpoint-segment {segment} must be a multiple of the model's chunk size "
+                             f"({', '.join(map(str, chunks))} tokens)")
+        self.grad_checkpoint, self.checkpoint_segment = enabled or segment > 0, segment
+
+    def _run_block(self, block, x, state, recorded: bool = False):
+        """block(x, state) -> (x, state, the mixer's record if `recorded` else None).
+
+        With `grad_checkpoint` on and autograd recording, the block's inner activations are not kept: the backward
+        recomputes them from the block's inputs (activation checkpointing, method.md §2: the paper trains with verl's
+        per-layer gradient checkpointing). What stays is the block's input and its outputs (x, state, record). With
+        `checkpoint_segment` S > 0 the block reads S-token pieces one after another, each checkpointed on its own,
+        carrying the state: the same numbers (a split pass equals one pass), and the backward recomputes only one
+        piece at a time. A recorded pass joins the pieces' records (mixer.merge_records)."""
+        def run(piece, piece_state):  # -> (y (B, S, D), state, record or None)
+            return block.forward_recorded(piece, piece_state) if recorded else (*block(piece, piece_state), None)
+        if not (self.grad_checkpoint and torch.is_grad_enabled()):
+            return run(x, state)
+        ys, records = [], []
+        for piece in x.split(self.checkpoint_segment or x.shape[1], dim=1):  # (B, S, D) each, the last one shorter
+            y, state, record = checkpoint(run, piece, state, use_reentrant=False)  # the blocks draw no random numbers
+            ys.append(y)
+            records.append(record)
+        if recorded and len(records) > 1:
+            records = [block.mixer.merge_records(records)]
+        return torch.cat(ys, 1) if len(ys) > 1 else ys[0], state, records[0]  # (B, T, D), state, record or None
 
     def can_snapshot(self) -> bool:
         """True when every mixer can rebuild prefix states from a recorded full pass (DeltaNet and LaCT both can)."""
@@ -204,7 +229,7 @@ class FastWeightLM(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         records = []
         for block in self.blocks:
-            x, record = self._run_block(block.forward_recorded, x)
+            x, _, record = self._run_block(block, x, None, recorded=True)
             records.append(record)
         return self.final_norm(x), records  # (B, T, D)
 

@@ -60,6 +60,7 @@ class RegimeConfig:
     ckpt_every: int = 10  # batches between checkpoints (and one at the end)
     seed: int = 0  # drives data, rollouts and evaluation sampling
     grad_checkpoint: bool = False  # per-block activation checkpointing: the paper's is on (16K tokens), ours off (512)
+    checkpoint_segment: int = 0  # checkpoint each block on pieces of this many tokens (0: whole sequences)
     refine: dict = field(default_factory=dict)  # RefineConfig overrides (c, k, n, reward, lambda_rl, ...)
     train_tasks: tuple = ("s_niah", "mk_niah", "qa")  # post: TRAINING-split tasks, mixed within each batch
     eval_tasks: tuple = ("s_niah", "qa")  # post: the quick before/after score (EVAL split, greedy)
@@ -91,12 +92,10 @@ def resolve_config(args) -> RegimeConfig:
         raise ValueError(f"--objective {objective!r} is not available for --regime {args.regime}; "
                          f"choose one of {', '.join(OBJECTIVES[args.regime])}")
     cfg.objective, cfg.seed = objective, args.seed
-    for name in ("max_steps", "batch_size", "seq_len", "lr", "grad_checkpoint"):
+    for name in ("max_steps", "batch_size", "seq_len", "lr", "grad_checkpoint", "checkpoint_segment"):
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
-    for name in REFINE_FLAGS:
-        if getattr(args, name, None) is not None:
-            cfg.refine[name] = getattr(args, name)
+    cfg.refine.update({name: getattr(args, name) for name in REFINE_FLAGS if getattr(args, name, None) is not None})
     return cfg
 
 
@@ -199,7 +198,7 @@ class Run:
                                for_resume=resume, vocab=tokenizer.vocab_size())
         cfg.seq_len = cfg.seq_len or checkpoint_seq_len(ckpt)
         self.model = model_from_checkpoint(ckpt, device).train()
-        self.model.grad_checkpoint = cfg.grad_checkpoint
+        self.model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)  # ValueError for a bad segment
         self.optimizer = make_optimizer(self.model, cfg)  # AdamW (β1, β2), decay on matrices, constant LR
         self.rcfg = refine_config(dict(cfg.refine))
         if cfg.objective == "refine":  # c prefix ends, each with k rollout tokens after it, in one document or prompt

@@ -54,7 +54,8 @@ class TrainConfig:
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     seed: int = 0  # drives the model init, the data stream and every sampler
     compile: bool = False  # torch.compile the model (auto: on for CUDA, off for CPU)
-    grad_checkpoint: bool = False  # activation checkpointing per block (FastWeightLM.grad_checkpoint)
+    grad_checkpoint: bool = False  # activation checkpointing per block (FastWeightLM.set_checkpointing)
+    checkpoint_segment: int = 0  # ... on pieces of this many tokens (0: whole sequences)
     answer_weight: float = 100.0  # loss weight of answer tokens relative to the rest (module docstring); 1 = NTP
 
 
@@ -215,7 +216,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     out = run_dir(out)
     torch.manual_seed(cfg.seed)
     model = FastWeightLM(model_cfg).to(device)
-    model.grad_checkpoint = cfg.grad_checkpoint
+    model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)
     optimizer = make_optimizer(model, cfg)
     start = 0
     if resume and (out / "ckpt.pt").exists():
