@@ -3,18 +3,19 @@
 The LM head's logits are 64x wider than the model (V = 8193, D = 128). `head_loss.py` computes every training
 cross-entropy in row blocks with its gradient in closed form, so the (B, T, V) logits never exist; setting
 `model.fused_head = False` takes the plain path (full logits, F.cross_entropy, autograd) through the same code.
-What is left is the blocks' own activations; `model.grad_checkpoint = True` (train.py/tta.py --grad-checkpoint)
-keeps only each block's input and recomputes the rest in the backward.
-Measured in one run, on the same random batch, for DeltaNet and LaCT at each --lengths T, for three paths
-(plain: full logits; fused: fused head loss; ckpt: fused head loss + activation checkpointing):
-  peak tensor memory of one NTP step and one REFINE step (schedule "single"), plain / fused     target >= 1.5
-  wall time of the same steps, fused / plain (median of --reps, interleaved)                    target <= 1.1
-  peak tensor memory, fused / ckpt                                                             target >= 2.0
-  wall time, ckpt / fused (the price of the recomputed forward)                                target <= 1.5
+What is left is the blocks' own activations: `model.set_checkpointing(True)` (--grad-checkpoint) keeps only each
+block's input and recomputes the rest in the backward, and `set_checkpointing(True, S)` (--checkpoint-segment S)
+does so on S-token pieces that carry the state, so the backward recomputes one piece of one block at a time.
+Measured in one run, on the same random batch, for DeltaNet and LaCT at each --lengths T: the peak tensor memory and
+the wall time (median of --reps, interleaved) of one NTP step and one REFINE step (schedule "single") on four paths,
+each adding one thing to the one before:
+  plain   full logits                    fused   + fused head loss      memory plain/fused >= 1.5, time <= 1.1x
+  ckpt    + per-block checkpointing      (vs fused)                     memory fused/ckpt  >= 2.0, time <= 1.5x
+  pieces  + pieces of --segment tokens   (vs ckpt)                      memory ckpt/pieces >= 1.5, time <= 1.1x
 The targets are checked at the longest T. Peak memory is bench/measure.peak_bytes: the profiler's allocation records
 on CPU, the allocator's own peak on CUDA, both above what was held before.
 
-    python bench/memory.py              # T = 2048 and 8192, B = 2
+    python bench/memory.py              # T = 2048 and 8192, B = 2, pieces of 1024 tokens
     python bench/memory.py --quick      # smoke run: T = 512, 1 repetition
 """
 import argparse
@@ -31,23 +32,23 @@ from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
 from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
 from refine_mini.trainer import TrainConfig, clip_and_step, make_optimizer, ntp_loss_from_hidden  # noqa: E402
 
-MEMORY_TARGET, TIME_TARGET = 1.5, 1.1  # fused head loss against full logits
-CKPT_MEMORY_TARGET, CKPT_TIME_TARGET = 2.0, 1.5  # checkpointing against the fused path alone
-PATHS = {"plain": (False, False), "fused": (True, False), "ckpt": (True, True)}  # (fused_head, grad_checkpoint)
+PATHS = ("plain", "fused", "ckpt", "pieces")  # each adds one thing to the one before it
+# (what the later path adds, earlier path, later path, memory target earlier/later, time target later/earlier)
+STEPS = (("fused head loss", "plain", "fused", 1.5, 1.1), ("checkpointing", "fused", "ckpt", 2.0, 1.5),
+         ("pieces", "ckpt", "pieces", 1.5, 1.1))
 MiB = 2 ** 20
 
 
 def steps(model, tokens: torch.Tensor, cfg: RefineConfig) -> dict:
     """The two optimizer steps measured: one NTP step (regimes.ntp_step's loss) and one REFINE step."""
     optimizer = make_optimizer(model, TrainConfig(lr=1e-6))  # a tiny LR: the weights barely move between calls
-    gen = torch.Generator(device=tokens.device).manual_seed(0)
 
     def ntp():
         ntp_loss_from_hidden(model, model.encode(tokens)[0], tokens).backward()
         clip_and_step(model, optimizer, 1.0)
 
     def refine():
-        refine_step(model, optimizer, tokens, cfg, gen)
+        refine_step(model, optimizer, tokens, cfg, torch.Generator(device=tokens.device).manual_seed(0))  # same draws
 
     return {"NTP step": ntp, "REFINE step": refine}
 
@@ -58,18 +59,20 @@ def bench_one(mixer: str, device: torch.device, seq_len: int, args) -> list[tupl
     model = FastWeightLM(ModelConfig(mixer=mixer)).to(device)
     tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, seq_len),
                            generator=torch.Generator().manual_seed(0)).to(device)  # (B, T)
+    settings = {"plain": (False, False, 0), "fused": (True, False, 0), "ckpt": (True, True, 0),
+                "pieces": (True, True, args.segment)}  # (fused_head, grad_checkpoint, checkpoint_segment)
     rows = []
     for name, fn in steps(model, tokens, RefineConfig(c=args.c, k=args.k)).items():
-        def on_path(fused, ckpt, fn=fn):
+        def on_path(fused, ckpt, segment, fn=fn):
             def call():
-                model.fused_head, model.grad_checkpoint = fused, ckpt
+                model.fused_head = fused
+                model.set_checkpointing(ckpt, segment)
                 fn()
             return call
-        paths = {path: on_path(*flags) for path, flags in PATHS.items()}
+        paths = {path: on_path(*settings[path]) for path in PATHS}
         times = timed(paths, args.reps)  # one warm-up call each, then interleaved
         peaks = {path: peak_bytes(call, device) for path, call in paths.items()}
         rows.append((name, peaks, times))
-    model.fused_head, model.grad_checkpoint = True, False
     return rows
 
 
@@ -86,12 +89,16 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=5, help="rollout length")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     parser.add_argument("--mixers", default="deltanet,lact", help="comma-separated mixers to bench")
+    parser.add_argument("--segment", type=int, default=1024,
+                        help="tokens per checkpointed piece on the 'pieces' path (a multiple of 128)")
     parser.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda if present)")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.reps = [512], 1
     bad = [f"--{name} must be >= 1, got {getattr(args, name)}" for name in ("batch", "c", "k", "reps")
            if getattr(args, name) < 1]
+    bad += [f"--segment must be a positive multiple of 128 (both models' chunks), got {args.segment}"] \
+        if args.segment < 1 or args.segment % 128 else []
     bad += [f"--lengths {t} leaves no room for --c {args.c} chunks with a {args.k}-token rollout each"
             for t in args.lengths if t < args.c * (args.k + 2)]
     bad += [f"unknown mixer {m!r} in --mixers; use deltanet, lact" for m in args.mixers.split(",")
@@ -107,31 +114,31 @@ def main(argv=None) -> int:
         keep_freed_memory()  # as train.py: freed blocks stay in the process (peak tensor memory is unaffected)
     print(f"torch {torch.__version__}, device {device.type}, CPU threads {torch.get_num_threads()}, B={args.batch} "
           f"c={args.c} k={args.k}, default ModelConfig; peak tensor memory above the model and optimizer state")
-    print(f"{'model':8s} {'T':>6s}  {'step':11s} {'plain MiB':>10s} {'fused MiB':>10s} {'ckpt MiB':>9s} {'less':>6s}"
-          f" {'less':>6s} {'plain ms':>9s} {'fused ms':>9s} {'ckpt ms':>8s} {'time':>6s} {'time':>6s}")
-    print(f"{'':36s}{'':>21s}{'p/f':>6s} {'f/c':>6s} {'':>28s}{'f/p':>6s} {'c/f':>6s}")
-    verdicts = []
-    for mixer in args.mixers.split(","):
-        for seq_len in args.lengths:
-            for step, peak, t in bench_one(mixer, device, seq_len, args):
-                known = all(peak.values())
-                less = (peak["plain"] / peak["fused"], peak["fused"] / peak["ckpt"]) if known else (nan, nan)
-                mem = (f"{peak['plain'] / MiB:10.1f} {peak['fused'] / MiB:10.1f} {peak['ckpt'] / MiB:9.1f}" if known
-                       else f"{'n/a':>10s} {'n/a':>10s} {'n/a':>9s}")
-                slower = (t["fused"] / t["plain"], t["ckpt"] / t["fused"])
-                print(f"{mixer:8s} {seq_len:6d}  {step:11s} {mem} {less[0]:5.2f}x {less[1]:5.2f}x "
-                      f"{t['plain'] * 1e3:9.1f} {t['fused'] * 1e3:9.1f} {t['ckpt'] * 1e3:8.1f} "
-                      f"{slower[0]:5.2f}x {slower[1]:5.2f}x", flush=True)
-                if seq_len == max(args.lengths):
-                    verdicts.append((f"{mixer} {step} at T={seq_len}", less, slower))
-    print("targets at the longest T:")
-    for what, less, slower in verdicts:
-        print(f"  {what:30s} fused head: memory plain/fused {less[0]:5.2f}x (>= {MEMORY_TARGET}) "
-              f"{verdict(less[0], MEMORY_TARGET, True)}, time fused/plain {slower[0]:4.2f}x (<= {TIME_TARGET}) "
-              f"{verdict(slower[0], TIME_TARGET, False)}")
-        print(f"  {'':30s} checkpointing: memory fused/ckpt {less[1]:5.2f}x (>= {CKPT_MEMORY_TARGET}) "
-              f"{verdict(less[1], CKPT_MEMORY_TARGET, True)}, time ckpt/fused {slower[1]:4.2f}x "
-              f"(<= {CKPT_TIME_TARGET}) {verdict(slower[1], CKPT_TIME_TARGET, False)}")
+    results = [(mixer, seq_len, *row) for mixer in args.mixers.split(",") for seq_len in args.lengths
+               for row in bench_one(mixer, device, seq_len, args)]
+    for title, unit, values in (("peak MiB", MiB, lambda row: row[3]), ("time ms", 1e-3, lambda row: row[4])):
+        ratios = [f"{a[0]}/{b[0]}" if title.startswith("peak") else f"{b[0]}/{a[0]}" for _, a, b, _, _ in STEPS]
+        print(f"{title} ({', '.join(PATHS)}: each adds one thing; pieces of {args.segment} tokens)")
+        print(f"{'model':8s} {'T':>6s}  {'step':11s}" + "".join(f" {p:>8s}" for p in PATHS)
+              + "".join(f" {r:>6s}" for r in ratios))
+        for row in results:
+            v = values(row)
+            if not all(v.values()):
+                print(f"{row[0]:8s} {row[1]:6d}  {row[2]:11s} n/a (no allocation records)")
+                continue
+            cells = [v[a] / v[b] if title.startswith("peak") else v[b] / v[a] for _, a, b, _, _ in STEPS]
+            print(f"{row[0]:8s} {row[1]:6d}  {row[2]:11s}" + "".join(f" {v[p] / unit:8.1f}" for p in PATHS)
+                  + "".join(f" {c:5.2f}x" for c in cells), flush=True)
+    print("targets at the longest T (memory: earlier / later path; time: later / earlier):")
+    for mixer, seq_len, step, peak, t in results:
+        if seq_len != max(args.lengths):
+            continue
+        for what, a, b, mem_target, time_target in STEPS:
+            less = peak[a] / peak[b] if peak[a] and peak[b] else nan
+            slower = t[b] / t[a]
+            print(f"  {mixer:8s} {step:11s} T={seq_len:<6d} {what:16s} memory {less:5.2f}x (>= {mem_target}) "
+                  f"{verdict(less, mem_target, True)}, time {slower:4.2f}x (<= {time_target}) "
+                  f"{verdict(slower, time_target, False)}")
     return 0
 
 
