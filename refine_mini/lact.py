@@ -208,10 +208,12 @@ class LaCT(nn.Module):
                 j = (t + 1) // C  # chunks complete after t+1 tokens; history[j] = fast weights after them
                 (w0, w1, w2), (m0, m1, m2) = history[j]
                 lo = max(0, t + 1 - keep)  # the window keeps the last W-1 keys
+                # copies of the token rows: views would keep the record's whole (B, T, ...) tensors alive
                 snaps.append(LaCTState(w0[r], w1[r], w2[r], m0[r], m1[r], m2[r], final.n0[r], final.n1[r],
-                                       final.n2[r], buf_k=fk[r, j * C:t + 1].to(sd), buf_v=fv[r, j * C:t + 1].to(sd),
-                                       buf_eta=eta[r, j * C:t + 1], buf_m=mom[r, j * C:t + 1],
-                                       swa_k=ka[r, lo:t + 1], swa_v=va[r, lo:t + 1], pos=t + 1))
+                                       final.n2[r], buf_k=fk[r, j * C:t + 1].to(sd, copy=True),
+                                       buf_v=fv[r, j * C:t + 1].to(sd, copy=True), buf_eta=eta[r, j * C:t + 1].clone(),
+                                       buf_m=mom[r, j * C:t + 1].clone(), swa_k=ka[r, lo:t + 1].clone(),
+                                       swa_v=va[r, lo:t + 1].clone(), pos=t + 1))
         return snaps
 
     def _run(self, x, state, history=None):

@@ -15,9 +15,8 @@ The recurrent state is an explicit value, `ModelState`, one entry per layer. Eve
 whose tensor fields have the batch at dim 0, so the four operations rollouts need -- clone, detach, select rows,
 repeat rows -- are written once, here, for every mixer.
 
-Memory switches (attributes, not config: they change no number): `fused_head` (default on) computes training losses
-without the (B, T, V) logits (head_loss.py); `grad_checkpoint` (default off; --grad-checkpoint) recomputes each
-block in the backward from its input instead of keeping its activations, as the paper's training does (method.md §2).
+Memory switches (attributes, not config: they change no number): `fused_head` (on: losses without the (B, T, V)
+logits, head_loss.py) and `set_checkpointing` (off: activation checkpointing, whole blocks or pieces, `_run_block`).
 """
 
 import dataclasses
@@ -169,8 +168,7 @@ class FastWeightLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight  # (V, D): one matrix reads and writes tokens
         self.fused_head = True  # head_loss: blockwise fused cross-entropy (False: the plain full-logits reference)
-        self.grad_checkpoint = False  # recompute each block in the backward instead of keeping its activations
-        self.checkpoint_segment = 0  # ... on pieces of this many tokens, one after another (0: the whole sequence)
+        self.grad_checkpoint, self.checkpoint_segment = False, 0  # set_checkpointing: off, whole sequences
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -189,9 +187,8 @@ class FastWeightLM(nn.Module):
         return self.final_norm(x), ModelState(new_states)  # (B, T, D): the vector REFINE's cosine reward compares
 
     def set_checkpointing(self, enabled: bool, segment: int = 0) -> None:
-        """Activation checkpointing per block (`grad_checkpoint`), on `segment`-token pieces of the sequence if
-        segment > 0 (`checkpoint_segment`; it turns checkpointing on). ValueError for a segment that the recorded
-        pass could not join: it must be a multiple of every mixer's chunk."""
+        """Activation checkpointing per block, on `segment`-token pieces if segment > 0 (which turns it on). ValueError
+        for a segment the recorded pass could not join: it must be a multiple of every mixer's chunk."""
         chunks = sorted({block.mixer.chunk_size for block in self.blocks})
         if segment < 0 or any(segment % c for c in chunks):
             raise ValueError(f"--checkpoint-segment {segment} must be a multiple of the model's chunk size "
@@ -202,18 +199,20 @@ class FastWeightLM(nn.Module):
         """block(x, state) -> (x, state, the mixer's record if `recorded` else None).
 
         With `grad_checkpoint` on and autograd recording, the block's inner activations are not kept: the backward
-        recomputes them from the block's inputs (activation checkpointing, method.md §2: the paper trains with verl's
-        per-layer gradient checkpointing). What stays is the block's input and its outputs (x, state, record). With
+        recomputes them from its inputs (method.md §2: the paper trains with per-layer gradient checkpointing). With
         `checkpoint_segment` S > 0 the block reads S-token pieces one after another, each checkpointed on its own,
-        carrying the state: the same numbers (a split pass equals one pass), and the backward recomputes only one
-        piece at a time. A recorded pass joins the pieces' records (mixer.merge_records)."""
+        carrying the state: the same numbers (a split pass equals one pass), and the backward recomputes one piece
+        at a time. Without grad the pieces apply too (one piece's transient activations at a time). A recorded pass
+        joins the pieces' records (mixer.merge_records)."""
         def run(piece, piece_state):  # -> (y (B, S, D), state, record or None)
             return block.forward_recorded(piece, piece_state) if recorded else (*block(piece, piece_state), None)
-        if not (self.grad_checkpoint and torch.is_grad_enabled()):
+        checkpointed = self.grad_checkpoint and torch.is_grad_enabled()
+        if not (checkpointed or self.checkpoint_segment):
             return run(x, state)
         ys, records = [], []
         for piece in x.split(self.checkpoint_segment or x.shape[1], dim=1):  # (B, S, D) each, the last one shorter
-            y, state, record = checkpoint(run, piece, state, use_reentrant=False)  # the blocks draw no random numbers
+            y, state, record = (checkpoint(run, piece, state, use_reentrant=False) if checkpointed  # no random draws
+                                else run(piece, state))
             ys.append(y)
             records.append(record)
         if recorded and len(records) > 1:
@@ -224,14 +223,16 @@ class FastWeightLM(nn.Module):
         """True when every mixer can rebuild prefix states from a recorded full pass (DeltaNet and LaCT both can)."""
         return all(hasattr(block.mixer, "forward_recorded") for block in self.blocks)
 
-    def encode_recorded(self, tokens: torch.Tensor):
-        """encode(tokens) from the start, plus per-layer records for `snapshots`. Needs can_snapshot()."""
+    def encode_recorded(self, tokens: torch.Tensor, ends: list | None = None):
+        """encode(tokens) from the start, plus per-layer records for `snapshots`; or, given `ends`, the snapshots, each
+        layer's built once its pass ends, so no record ((B, T, .) tensors) outlives its layer. Needs can_snapshot()."""
         x = self.embed(tokens)  # (B, T, D)
-        records = []
+        out = []
         for block in self.blocks:
             x, _, record = self._run_block(block, x, None, recorded=True)
-            records.append(record)
-        return self.final_norm(x), records  # (B, T, D)
+            out.append(record if ends is None else block.mixer.snapshots(record, ends))
+            del record  # with ends, the last reference to this layer's record
+        return self.final_norm(x), (out if ends is None else [ModelState(list(layers)) for layers in zip(*out)])
 
     def snapshots(self, records: list, ends: list) -> list:
         """For each row b and position t in ends[b], the ModelState after reading tokens[b, :t+1] (batch 1,

@@ -84,12 +84,13 @@ def document_forward(model, docs: list, positions: torch.Tensor) -> DocumentForw
     """The document hidden states and the B·K prefix snapshots; grad flows through them unless under no_grad.
 
     Both models read all documents as ONE right-padded batch (causal, so padding changes nothing before it) and
-    rebuild the snapshots from that pass's record (model.snapshots). A model whose mixers cannot record falls back to
-    segmented_forward per document, which is also the reference the recorded snapshots are tested against."""
+    rebuild the snapshots from that pass's records, each layer's as soon as its pass ends (model.encode_recorded
+    with ends). A model whose mixers cannot record falls back to segmented_forward per document, which is also the
+    reference the recorded snapshots are tested against."""
     if model.can_snapshot():
         padded, lengths = pad_documents(docs)  # (B, T_max), (B,)
-        full, records = model.encode_recorded(padded)  # (B, T_max, D)
-        return recorded_forward(model, full, records, lengths.tolist(), positions)
+        full, snapshots = model.encode_recorded(padded, [p.tolist() for p in positions])  # (B, T_max, D), B·K
+        return _assemble(model, [full[b, :n] for b, n in enumerate(lengths.tolist())], positions, snapshots)
     hidden, snapshots = [], []
     for b, doc in enumerate(docs):
         doc_hidden, doc_snaps = segmented_forward(model, doc, positions[b])

@@ -262,3 +262,54 @@ def test_a_bad_checkpoint_segment_is_a_one_line_error(script, tmp_path, tiny_ckp
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "mid" / "config.json").exists()  # nothing written for the refused run
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("segment", [0, 16])
+def test_snapshots_built_layer_by_layer_equal_those_from_the_records(mixer, segment):
+    """encode_recorded(tokens, ends) (each layer's snapshots built as soon as its pass ends, the rollout pass's way)
+    == snapshots(encode_recorded(tokens)); with and without grad, whole and in pieces. Their token rows are gathered
+    or copied, so a snapshot never keeps a record's (B, T, .) tensors alive."""
+    model = tiny(mixer)
+    model.set_checkpointing(True, segment)
+    tokens = torch.randint(0, 64, (2, 45), generator=torch.Generator().manual_seed(5))
+    ends = [[3, 16, 31], [8, 23, 44]]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            hidden, records = model.encode_recorded(tokens)
+            expected = model.snapshots(records, ends)
+            hidden_b, snapshots = model.encode_recorded(tokens, ends)
+        assert rel(hidden_b, hidden) < 1e-12 and len(snapshots) == len(expected) == 6
+        for got, want in zip(snapshots, expected):
+            for t_got, t_want in zip(state_tensors(got), state_tensors(want), strict=True):
+                assert t_got.shape == t_want.shape and rel(t_got, t_want) < 1e-12
+            for layer in got.layers:
+                for name in ("buf_k", "buf_v", "swa_k", "swa_v", "conv"):
+                    t = getattr(layer, name, None)
+                    if t is not None and t.numel():
+                        # a share of the snapshots' own gathered rows at most, never a (B, T, .) tensor
+                        assert t.untyped_storage().nbytes() <= len(expected) * t.numel() * t.element_size(), name
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_the_no_grad_rollout_pass_keeps_one_layers_record_at_a_time(mixer):
+    """The minibatch schedule's rollout pass (no grad, rollout.document_forward) builds each layer's snapshots as
+    soon as its pass ends: its peak is under 0.6 of building them from all four layers' records at the end, and
+    256-token pieces lower it again (profiler allocation records). The snapshots are the same."""
+    from refine_mini.rollout import document_forward
+    torch.manual_seed(0)
+    model = FastWeightLM(ModelConfig(mixer=mixer, vocab_size=256, n_layers=4))
+    tokens = torch.randint(0, 256, (2, 2048), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[100, 900, 1500], [300, 1200, 2000]])
+    ends = [p.tolist() for p in positions]
+    with torch.no_grad():
+        at_the_end = cpu_peak_bytes(lambda: model.snapshots(model.encode_recorded(tokens)[1], ends))
+        peaks, states = [], []
+        for segment in (0, 256):
+            model.set_checkpointing(segment > 0, segment)
+            peaks.append(cpu_peak_bytes(lambda: states.append(document_forward(model, list(tokens), positions))))
+    if at_the_end is None:
+        pytest.skip("this PyTorch's profiler exposes no allocation records")
+    assert peaks[0] < 0.6 * at_the_end and peaks[1] < peaks[0], (at_the_end, peaks)
+    for a, b in zip(states[0].snapshots, states[1].snapshots, strict=True):
+        assert max(rel(x, y) for x, y in zip(state_tensors(b), state_tensors(a))) < 1e-5  # fp32
