@@ -7,8 +7,8 @@ What is left is the blocks' own activations: `model.set_checkpointing(True)` (--
 block's input and recomputes the rest in the backward, and `set_checkpointing(True, S)` (--checkpoint-segment S)
 does so on S-token pieces that carry the state, so the backward recomputes one piece of one block at a time.
 Measured in one run, on the same random batch, for DeltaNet and LaCT at each --lengths T: the peak tensor memory and
-the wall time (median of --reps, interleaved) of one NTP step and one REFINE step (schedule "single") on four paths,
-each adding one thing to the one before:
+the wall time (median of --reps, interleaved) of one NTP step, one REFINE step (schedule "single") and one REFINE
+batch in the minibatch schedule (2 optimizer steps; TTT's) on four paths, each adding one thing to the one before:
   plain   full logits                    fused   + fused head loss      memory plain/fused >= 1.5, time <= 1.1x
   ckpt    + per-block checkpointing      (vs fused)                     memory fused/ckpt  >= 2.0, time <= 1.5x
   pieces  + pieces of --segment tokens   (vs ckpt)                      memory ckpt/pieces >= 1.5, time <= 1.1x
@@ -19,6 +19,7 @@ on CPU, the allocator's own peak on CUDA, both above what was held before.
     python bench/memory.py --quick      # smoke run: T = 512, 1 repetition
 """
 import argparse
+import dataclasses
 import sys
 from math import nan
 from pathlib import Path
@@ -40,17 +41,21 @@ MiB = 2 ** 20
 
 
 def steps(model, tokens: torch.Tensor, cfg: RefineConfig) -> dict:
-    """The two optimizer steps measured: one NTP step (regimes.ntp_step's loss) and one REFINE step."""
+    """The optimizer steps measured: one NTP step (regimes.ntp_step's loss), one REFINE step ("single" schedule:
+    the mid/post default) and one REFINE batch in the "minibatch" schedule with 2 mini-batches (test-time training's:
+    a no-grad rollout pass over the batch, then one grad pass per mini-batch)."""
     optimizer = make_optimizer(model, TrainConfig(lr=1e-6))  # a tiny LR: the weights barely move between calls
+    minibatch = dataclasses.replace(cfg, schedule="minibatch", minibatches=2)
 
     def ntp():
         ntp_loss_from_hidden(model, model.encode(tokens)[0], tokens).backward()
         clip_and_step(model, optimizer, 1.0)
 
-    def refine():
-        refine_step(model, optimizer, tokens, cfg, torch.Generator(device=tokens.device).manual_seed(0))  # same draws
+    def refine(schedule_cfg):
+        return lambda: refine_step(model, optimizer, tokens, schedule_cfg,
+                                   torch.Generator(device=tokens.device).manual_seed(0))  # the same draws every call
 
-    return {"NTP step": ntp, "REFINE step": refine}
+    return {"NTP step": ntp, "REFINE step": refine(cfg), "REFINE mb": refine(minibatch)}
 
 
 def bench_one(mixer: str, device: torch.device, seq_len: int, args) -> list[tuple]:
