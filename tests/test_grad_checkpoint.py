@@ -20,18 +20,14 @@ from refine_mini import model as model_module
 from refine_mini.model import FastWeightLM, ModelConfig
 from refine_mini.refine import RefineConfig, refine_step
 from refine_mini.trainer import ntp_loss_from_hidden
+from tests.test_deltanet import rel  # ‖a − b‖ / ‖b‖: pieces are equal only to rounding, not bit for bit
+from tests.test_model import tiny  # fp64, 2 layers, 8-token chunks
 from tests.test_regimes import LENGTH, run_cli, small_defaults, tiny_ckpt  # noqa: F401 (fixtures)
 
 MIXERS = ["deltanet", "lact"]
 
 
 SEGMENTS = [0, 8, 16]  # tokens per checkpointed piece (0: whole sequences); tiny()'s chunks are 8 tokens
-
-
-def tiny(mixer: str) -> FastWeightLM:
-    torch.manual_seed(0)
-    return FastWeightLM(ModelConfig(mixer=mixer, vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_heads_fast=2,
-                                    chunk_size=8, lact_chunk=8, window=8)).double()
 
 
 def state_tensors(state):
@@ -51,11 +47,6 @@ def grads_of(model, loss_fn, *leaves):
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, [*model.parameters(), *leaves], allow_unused=True)
     return loss.detach(), dict(zip(names, grads[:len(names)])), list(grads[len(names):])
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖, the project's error measure (pieces are equal only to rounding, not bit for bit)."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def assert_same_grads(a: dict, b: dict):
