@@ -285,8 +285,9 @@ def test_snapshots_built_layer_by_layer_equal_those_from_the_records(mixer, segm
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_the_no_grad_rollout_pass_keeps_one_layers_record_at_a_time(mixer):
     """The minibatch schedule's rollout pass (no grad, rollout.document_forward) builds each layer's snapshots as
-    soon as its pass ends: its peak is under 0.6 of building them from all four layers' records at the end, and
-    256-token pieces lower it again (profiler allocation records). The snapshots are the same."""
+    soon as its pass ends: against building them from all four layers' records at the end, its peak is lower by
+    most of three records (profiler allocation records), and 256-token pieces lower it again. The snapshots are
+    the same."""
     from refine_mini.rollout import document_forward
     torch.manual_seed(0)
     model = FastWeightLM(ModelConfig(mixer=mixer, vocab_size=256, n_layers=4))
@@ -294,6 +295,9 @@ def test_the_no_grad_rollout_pass_keeps_one_layers_record_at_a_time(mixer):
     positions = torch.tensor([[100, 900, 1500], [300, 1200, 2000]])
     ends = [p.tolist() for p in positions]
     with torch.no_grad():
+        record = flat(model.encode_recorded(tokens)[1][0])
+        record_bytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in record}.values())
+        del record
         at_the_end = cpu_peak_bytes(lambda: model.snapshots(model.encode_recorded(tokens)[1], ends))
         peaks, states = [], []
         for segment in (0, 256):
@@ -301,6 +305,6 @@ def test_the_no_grad_rollout_pass_keeps_one_layers_record_at_a_time(mixer):
             peaks.append(cpu_peak_bytes(lambda: states.append(document_forward(model, list(tokens), positions))))
     if at_the_end is None:
         pytest.skip("this PyTorch's profiler exposes no allocation records")
-    assert peaks[0] < 0.6 * at_the_end and peaks[1] < peaks[0], (at_the_end, peaks)
+    assert at_the_end - peaks[0] > 0.6 * 3 * record_bytes and peaks[1] < peaks[0], (at_the_end, peaks, record_bytes)
     for a, b in zip(states[0].snapshots, states[1].snapshots, strict=True):
         assert max(rel(x, y) for x, y in zip(state_tensors(b), state_tensors(a))) < 1e-5  # fp32

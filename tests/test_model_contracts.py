@@ -200,9 +200,9 @@ def test_pretrain_steps_equal_a_hand_written_loop(tmp_path, monkeypatch, fused):
     """Two pretrain steps == the loop written out: step s's batch from _step_generator(seed, s), lr_at(s), the
     answer-weighted loss's gradient (from full logits), clipped at grad_clip, AdamW with make_optimizer's groups.
     With pretrain's head loss swapped for the plain full-logits path the two agree to fp32 rounding. With the default
-    fused head loss they agree to 1e-5: its sums run in another order, and AdamW's first steps (~lr·sign(g))
-    magnify the last bits of tiny gradients (measured 6e-7), while a wrong weight, LR or step moves weights by
-    ~lr = 1e-2."""
+    fused head loss, whose sums run in another order, 99 % of the weights agree to 1e-5 and all to 1e-3: AdamW's
+    first steps, lr·g/(|g| + eps), magnify the last bits of gradients near eps (one weight in 1024 moved 9e-5 on an
+    AVX-512 Xeon, 6e-7 at most on an EPYC), while a wrong weight, LR or step moves weights by ~lr = 1e-2."""
     if not fused:
         monkeypatch.setattr(model_module, "head_loss", head_loss_reference)
     model_cfg = dataclasses.replace(tiny_cfg(), vocab_size=8193)
@@ -220,4 +220,7 @@ def test_pretrain_steps_equal_a_hand_written_loop(tmp_path, monkeypatch, fused):
         clip_and_step(model, opt, cfg.grad_clip)
     saved = load_checkpoint(tmp_path)["model"]
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(saved[name], value, atol=1e-5 if fused else 1e-7, rtol=1e-6, msg=name)
+        torch.testing.assert_close(saved[name], value, atol=1e-3 if fused else 1e-7, rtol=1e-6, msg=name)
+        if fused:
+            off = ((saved[name] - value).abs() > 1e-5 + 1e-6 * value.abs()).float().mean().item()
+            assert off < 0.01, (name, off)
