@@ -111,28 +111,28 @@ class DeltaNet(nn.Module):
     def forward_recorded(self, x: torch.Tensor, state: DeltaNetState | None = None):
         """forward(x, state) plus a record from which `snapshots` rebuilds the state after any position: (y, state,
         record). From the start (state None), or a later segment of a pass whose records `merge_records` joins.
-        The record is small: the incoming conv window, x itself, the states entering each chunk, the final state."""
+        The record: the incoming conv window, x, k, v, beta, the states entering each chunk, the final state."""
         return self._run(x, state, record=True)
 
     def merge_records(self, records: list):
         """The record of the whole pass from those of its consecutive segments (the first from the start, all but
         the last a multiple of chunk_size tokens, so chunk boundaries stay where one pass puts them): the first
-        segment's incoming conv window, the inputs along T, the chunk-entry states along N, the last final state."""
+        segment's incoming conv window, x along T, k, v, beta along T, the chunk-entry states along N."""
         if any(r[1].shape[1] % self.chunk_size for r in records[:-1]):
             raise ValueError(f"recorded segments must be multiples of the chunk size {self.chunk_size} tokens")
         x = torch.cat([r[1] for r in records], 1)  # (B, T, D)
-        hs = torch.cat([r[2] for r in records], 2)  # (B, H, N, Dk, Dv)
-        return records[0][0], x, hs, records[-1][3]
+        k, v, beta, hs = (torch.cat([r[i] for r in records], 2) for i in range(2, 6))  # (B, H, T or N, ...)
+        return records[0][0], x, k, v, beta, hs, records[-1][6]
 
     def snapshots(self, record, ends) -> list:
         """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph): the
         state entering t's chunk (an output of the chunked kernel) advanced over the r < C tokens of that chunk up
         to t, and the conv window of the last W-1 projections. Equal to segmenting each row's pass (tested).
-        The record keeps the layer's input, not its q, k, v (3x wider, plus the conv inputs): the few rows each
-        snapshot needs, its partial chunk and the W-1 tokens before it, are projected again here.
+        The record holds what these need and little more (2 KiB a token at the default width, 3.6 with q and the
+        conv inputs): the layer's input x, from which the W-1 window rows are projected again, k, v and beta.
         Every piece is ONE gather over all snapshots: a slice per snapshot would cost, in the backward, a zero-filled
-        gradient of the whole (B, T, .) tensor per slice."""
-        conv0, x, hs, final = record  # conv0 (B, W-1, ch) window before x; x (B, T, D); hs (B, H, N, Dk, Dv)
+        gradient of the whole (B, H, T, .) tensor per slice."""
+        conv0, x, k, v, beta, hs, final = record  # conv0 (B, W-1, ch) before x (B, T, D); k, v, beta (B, H, T, .)
         C, W, T, dev = self.chunk_size, self.conv_size, x.shape[1], x.device
         hs = torch.cat([hs, final[:, :, None]], 2)  # (B, H, N+1, Dk, Dv): + the state after the last chunk
         b_of = torch.tensor([b for b, row in enumerate(ends) for _ in row], device=dev)  # (S,) row of each snapshot
@@ -140,36 +140,47 @@ class DeltaNet(nn.Module):
         n_of = (t_of + 1) // C  # complete chunks by t
         S = hs[b_of, :, n_of]  # (S, H, Dk, Dv): the state entering t's chunk
         R = max((t + 1) % C for row in ends for t in row)  # longest partial chunk (< C); from the list: no sync
-        # the W-1 tokens before each snapshot's chunk, then R rows of the chunk: ONE gather, ONE projection
-        pos = n_of[:, None] * C + torch.arange(1 - W, R, device=dev)  # (S, W-1+R) token indices
-        rows = x[b_of[:, None], pos.clamp(0, T - 1)]  # (S, W-1+R, D)
-        ctx = self._project(rows)  # (S, W-1+R, ch) pre-conv projections
+        if R:  # ONE kernel call advances every snapshot over its partial chunk; rows past t are zeroed, and a row
+            # with k = 0 and beta = 0 is an exact no-op
+            pos = n_of[:, None] * C + torch.arange(R, device=dev)  # (S, R) token index of each partial-chunk row
+            keep = pos <= t_of[:, None]  # (S, R)
+
+            def partial(z):  # z[b, :, n*C .. n*C+R) of every snapshot, rows past t zeroed: (S, H, R, .)
+                g = z[b_of[:, None], :, pos.clamp(max=T - 1)]  # (S, R, H, .)
+                return (g * keep.view(*keep.shape, *[1] * (g.dim() - 2)).to(g.dtype)).movedim(1, 2)
+
+            k_r, v_r, beta_r = map(partial, (k, v, beta))
+            S = delta_rule_chunked(k_r, k_r, v_r, beta_r, chunk_size=C, initial_state=S)[1]  # q only reaches o: unused
+        # the conv window: the pre-conv projections of tokens t-W+2 .. t, projected again from the record's input
+        win = t_of[:, None] + torch.arange(2 - W, 1, device=dev)  # (S, W-1) token indices
+        conv = self._project(x[b_of[:, None], win.clamp(min=0)])  # (S, W-1, D) -> (S, W-1, ch)
         if W > 1:  # tokens before the record's start: its incoming window (zeros from the start of a sequence)
-            ctx = torch.where((pos < 0)[..., None], conv0.to(ctx.dtype)[b_of[:, None], (pos + W - 1).clamp(0, W - 2)],
-                              ctx)
-        if R:  # ONE kernel call advances every snapshot over its partial chunk; rows past t get k = 0 and beta = 0,
-            # an exact no-op
-            q, k, v, beta = self._features(rows[:, W - 1:], ctx)  # (S, H, R, .) as in _run
-            keep = (pos[:, W - 1:] <= t_of[:, None]).to(k.dtype)[:, None]  # (S, 1, R)
-            S = delta_rule_chunked(q, k * keep[..., None], v, beta * keep, chunk_size=C, initial_state=S)[1]
-        window = (t_of - n_of * C + 1)[:, None] + torch.arange(W - 1, device=dev)  # (S, W-1): ctx rows t-W+2 .. t
-        conv = ctx[torch.arange(len(t_of), device=dev)[:, None], window]  # (S, W-1, ch)
+            conv = torch.where((win < 0)[..., None], conv0.to(conv.dtype)[b_of[:, None], (win + W - 1).clamp(0, W - 2)],
+                               conv)
         return [DeltaNetState(S=s, conv=c) for s, c in zip(S.split(1), conv.split(1))]
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """The pre-conv [q | k | v] projections: (B, T, D) -> (B, T, 2·H·Dk + H·Dv)."""
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
-    def _features(self, x: torch.Tensor, ctx: torch.Tensor):
-        """The kernel's inputs for the T tokens x (B, T, D), given ctx (B, W-1+T, channels): the pre-conv
-        projections of the W-1 tokens before x, then of x's. Returns q, k (B,H,T,Dk), v (B,H,T,Dv), beta (B,H,T)."""
+    def _run(self, x: torch.Tensor, state: DeltaNetState | None, record: bool = False):
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
         B, T, _ = x.shape
         H, Dk, Dv = self.n_heads, self.dk, self.dv
+        if state is None:
+            state = self.initial_state(B, x.device)
+
+        # projections, then causal depthwise conv with the cached left context (pitfall 7: multi-token cached calls)
+        proj = self._project(x)                                                      # (B,T,2HDk+HDv)
+        ctx = torch.cat([state.conv.to(proj.dtype), proj], dim=1)                    # (B,W-1+T,channels)
         # y_t = Σ_j w[j] x_{t-W+1+j}, written as W shifted multiply-adds: on CPU this is >100x faster to
         # differentiate than the depthwise F.conv1d (whose backward took 2/3 of a training step), same maths.
         weight = self.conv.weight[:, 0, :]                                           # (channels, W)
         conv_out = sum(ctx[:, j:j + T] * weight[:, j] for j in range(self.conv_size))  # (B,T,channels)
         conv_out = F.silu(conv_out)
+        # (B,W-1,channels) pre-conv; a copy, as a view would keep all of ctx (B,W-1+T,channels) alive in the state
+        new_conv = ctx[:, ctx.shape[1] - (self.conv_size - 1):].clone()
         q, k, v = conv_out.split([H * Dk, H * Dk, H * Dv], dim=-1)                   # (B,T,H·D) each
         q = q.reshape(B, T, H, Dk).transpose(1, 2)                                   # (B,H,T,Dk)
         k = k.reshape(B, T, H, Dk).transpose(1, 2)                                   # (B,H,T,Dk)
@@ -177,22 +188,6 @@ class DeltaNet(nn.Module):
         q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6)                   # fla l2norm eps
         k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + 1e-6)
         beta = torch.sigmoid(self.b_proj(x)).transpose(1, 2)                         # (B,T,H) -> (B,H,T)
-        return q, k, v, beta
-
-    def _run(self, x: torch.Tensor, state: DeltaNetState | None, record: bool = False):
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
-        B, T, _ = x.shape
-        H, Dv = self.n_heads, self.dv
-        if state is None:
-            state = self.initial_state(B, x.device)
-
-        # projections, then causal depthwise conv with the cached left context (pitfall 7: multi-token cached calls)
-        proj = self._project(x)                                                      # (B,T,2HDk+HDv)
-        ctx = torch.cat([state.conv.to(proj.dtype), proj], dim=1)                    # (B,W-1+T,channels)
-        # (B,W-1,channels) pre-conv; a copy, as a view would keep all of ctx (B,W-1+T,channels) alive in the state
-        new_conv = ctx[:, ctx.shape[1] - (self.conv_size - 1):].clone()
-        q, k, v, beta = self._features(x, ctx)                                       # (B,H,T,.)
 
         # kernel switch as in fla: chunked for long calls, recurrent for short ones (both agree, tested)
         hs = None
@@ -208,5 +203,5 @@ class DeltaNet(nn.Module):
         o32 = o.float() if o.dtype != torch.float64 else o                          # norm in fp32 (weights fp32)
         o = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight).to(x.dtype)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dv))                    # (B,T,H·Dv) -> (B,T,D)
-        saved = (state.conv, x, hs, S) if record else None                          # what snapshots() reads
+        saved = (state.conv, x, k, v, beta, hs, S) if record else None              # what snapshots() reads
         return y, DeltaNetState(S=S, conv=new_conv), saved                          # S fp32 (fp64 for fp64 x)

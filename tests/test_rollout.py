@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 
+from refine_mini.deltanet import DeltaNet
 from refine_mini.model import FastWeightLM, ModelConfig
 from refine_mini.rollout import (can_stack, document_forward, fork, rollout_logp, rollouts_forked,
                                  rollouts_reference, segmented_forward)
+from tests.test_deltanet import rel
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
 MIXERS = ["deltanet", "lact"]
@@ -36,6 +38,22 @@ def test_segmented_pass_equals_full_pass_and_prefix_encoding(mixer):
             from_snapshot = model(probe, snap)[0]
             from_scratch = model(torch.cat([docs[0][None, :t + 1], probe], 1))[0][:, -2:]
             torch.testing.assert_close(from_snapshot, from_scratch, atol=1e-5, rtol=1e-5)
+
+
+def test_deltanet_snapshots_of_a_segment_recorded_after_a_carried_state():
+    """A DeltaNet record of a later segment (forward_recorded(x2, state after x1)) rebuilds the states after its
+    first tokens too, whose conv windows still reach into x1 (its record keeps the incoming window): equal, in
+    fp64, to one pass over x1 and x2 up to that token."""
+    torch.manual_seed(0)
+    layer = DeltaNet(32, 2, chunk_size=8).double()
+    x = torch.randn(2, 30, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ends = [[0, 1, 9], [2, 8, 18]]  # positions in the segment: 0 and 1 take conv inputs from before it
+    with torch.no_grad():
+        _, carried = layer(x[:, :11])
+        snapshots = layer.snapshots(layer.forward_recorded(x[:, 11:], carried)[2], ends)
+        for (b, t), got in zip([(b, t) for b, row in enumerate(ends) for t in row], snapshots, strict=True):
+            want = layer(x[b:b + 1, :11 + t + 1])[1]
+            assert rel(got.S, want.S) < 1e-10 and rel(got.conv, want.conv) < 1e-10, (b, t)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
