@@ -80,8 +80,13 @@ def load_run(path: str | Path, device) -> Run:
 def state_bytes(state: ModelState) -> int:
     """Bytes held by the recurrent state: the storages behind its tensors, each counted once. (numel * element_size
     would undercount a view into a larger tensor, which keeps all of that tensor's memory alive.)"""
-    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for layer in state.layers
-                for t in vars(layer).values() if isinstance(t, torch.Tensor)}  # empty ones share key and 0 bytes
+    return storage_bytes(t for layer in state.layers for t in vars(layer).values() if isinstance(t, torch.Tensor))
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind these tensors, each storage counted once (views share their base's)."""
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                for t in tensors}  # empty ones share key and 0 bytes
     return sum(storages.values())
 
 

@@ -17,6 +17,7 @@ import train
 import tta
 from bench.measure import cpu_peak_bytes
 from refine_mini import model as model_module
+from refine_mini.evaluate import storage_bytes
 from refine_mini.model import FastWeightLM, ModelConfig
 from refine_mini.refine import RefineConfig, refine_step
 from refine_mini.trainer import ntp_loss_from_hidden
@@ -295,9 +296,7 @@ def test_the_no_grad_rollout_pass_keeps_one_layers_record_at_a_time(mixer):
     positions = torch.tensor([[100, 900, 1500], [300, 1200, 2000]])
     ends = [p.tolist() for p in positions]
     with torch.no_grad():
-        record = flat(model.encode_recorded(tokens)[1][0])
-        record_bytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in record}.values())
-        del record
+        record_bytes = storage_bytes(flat(model.encode_recorded(tokens)[1][0]))  # one layer's
         at_the_end = cpu_peak_bytes(lambda: model.snapshots(model.encode_recorded(tokens)[1], ends))
         peaks, states = [], []
         for segment in (0, 256):
