@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
+from refine_mini.common import PRECISIONS, CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
 from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
                                   load_run, peak_memory, reset_peak_memory)
 from refine_mini.heatmap import render_heatmap, render_table, require_matplotlib, save_png, use_color
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="drives the task generators (decoding is greedy)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or bf16 autocast over the fp32 weights (FastWeightLM.set_precision)")
     p.add_argument("--prefill-tokens", type=int, default=4096, help="tokens (summed over the batch) per prefill "
                                                                      "segment: bounds the prefill logits' memory")
     p.add_argument("--batch", type=int, default=32, help="at most this many sequences decoded together")
@@ -103,6 +105,7 @@ def resolve_runs(args, device) -> list:
             runs.append(load_run(path, device))
         except CheckpointError as e:
             fail(str(e))
+        runs[-1].model.set_precision(args.precision)
     names = [r.name for r in runs]
     for i, r in enumerate(runs):  # two runs with the same folder name get their index appended
         if names.count(r.name) > 1:
@@ -265,9 +268,10 @@ def main(argv=None) -> dict:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", code=130)
-    meta = {"seed": args.seed, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2),
-            "argv": list(sys.argv[1:] if argv is None else argv), "memory_method": peak_memory(device)["method"],
+    meta = {"seed": args.seed, "device": str(device), "precision": args.precision, "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - t0, 2), "argv": list(sys.argv[1:] if argv is None else argv),
+            "memory_method": peak_memory(device)["method"],
             "state_bytes_method": "bytes of the storages behind the ModelState after the prefill, per row",
             "protocol": "method.md §6, scaled down (see refine_mini/evaluate.py)"}
     results = {"meta": meta, "grid": grid, "runs": records, "cells": cells}

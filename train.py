@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from refine_mini.common import CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
+from refine_mini.common import PRECISIONS, CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
 from refine_mini.model import ModelConfig
 from refine_mini.trainer import TrainConfig, pretrain
 
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the model (auto: on for CUDA, off on CPU where compiling costs minutes)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32 (default), or bf16: autocast over fp32 weights, the paper's setting; the fast-weight "
+                        "kernels and losses stay fp32 (README, Design notes)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block's activations in the backward (the paper's setting): 1.8-3.6x less "
                         "memory for 20-40 %% more time (README, Design notes)")
@@ -128,7 +131,7 @@ def run_pretrain(args, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
     compile_ = (args.compile == "on") or (args.compile == "auto" and device.type == "cuda")
     cfg = TrainConfig(max_steps=PRETRAIN_STEPS[args.model], seed=args.seed, compile=compile_,
-                      grad_checkpoint=args.grad_checkpoint,
+                      grad_checkpoint=args.grad_checkpoint, precision=getattr(args, "precision", None) or "fp32",
                       checkpoint_segment=getattr(args, "checkpoint_segment", None) or 0)  # (not in base_checkpoint's)
     overrides = {"max_steps": args.max_steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
                  "answer_weight": args.answer_weight}

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 from refine_mini import tokenizer
-from refine_mini.common import CheckpointError, fail, keep_freed_memory, load_checkpoint, pick_device, set_seed
+from refine_mini.common import (PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory, load_checkpoint,
+                                pick_device, set_seed)
 from refine_mini.niah import TASKS, make_task_examples
 from refine_mini.posttrain import score_examples
-from refine_mini.regimes import checkpoint_seq_len, inner_update, ntp_step, refine_config, step_generator
-from refine_mini.trainer import make_optimizer, model_from_checkpoint
+from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
+from refine_mini.trainer import apply_compute_settings, make_optimizer, model_from_checkpoint
 
 METHODS = ("none", "sft-ttt", "refine-ttt")
 MODES = ("cumulative", "reset")
@@ -48,6 +49,7 @@ class TTTConfig:
     sft_steps: int = 1  # NTP steps per batch for sft-ttt (the paper's baseline takes 1)
     grad_checkpoint: bool = False  # activation checkpointing per block (FastWeightLM.set_checkpointing)
     checkpoint_segment: int = 0  # ... on pieces of this many tokens (0: whole prompts)
+    precision: str = "fp32"  # fp32 | bf16 autocast over fp32 weights (FastWeightLM.set_precision)
     refine: dict = field(default_factory=lambda: {"reward": "binary", "lambda_ntp": 1.0, "lambda_rl": 0.4,
                                                   "schedule": "minibatch", "minibatches": 2})
 
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-segment", type=int, metavar="N",
                    help="checkpoint each block on N-token pieces (implies --grad-checkpoint; a multiple of the "
                         "chunk size, e.g. 2048)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or bf16 autocast over fp32 weights (adaptation and answers)")
     p.add_argument("--seed", type=int, default=0, help="eval prompts and rollout sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     return p
@@ -90,7 +94,7 @@ def run_method(ckpt: dict, examples: list, method: str, mode: str, cfg: TTTConfi
 
     on_batch(b, model), if given, is called right before batch b is adapted (tests inspect the weights there)."""
     model = model_from_checkpoint(ckpt, device)
-    model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)  # ValueError for a bad segment
+    apply_compute_settings(model, cfg)  # ValueError for a bad segment
     initial = {name: t.detach().clone() for name, t in model.state_dict().items()}
     optimizer = make_optimizer(model, cfg)
     rcfg = refine_config(dict(cfg.refine))
@@ -132,7 +136,7 @@ def main(argv=None) -> dict:
         length = args.length or checkpoint_seq_len(ckpt)
         examples = make_task_examples(args.task, args.samples, length, None, args.seed, split="eval")
         cfg = TTTConfig(lr=args.lr, sft_steps=args.sft_steps, grad_checkpoint=args.grad_checkpoint,
-                        checkpoint_segment=args.checkpoint_segment or 0)
+                        checkpoint_segment=args.checkpoint_segment or 0, precision=args.precision)
         mixer = ckpt["model_config"].get("mixer")
         label = "weights carried across batches, as the official code" if args.mode == "cumulative" \
             else "weights reset before every batch"

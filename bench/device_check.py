@@ -11,8 +11,10 @@ comparison against a reference with a printed error, PASS/FAIL per line, exit st
   4. one REFINE step per mixer on the device, sampling with a generator on the device: finite metrics, finite
      weights, and the weights move;
   5. a checkpoint saved from the device loads on CPU with identical weights;
-  6. with --cli: the scripts end to end on the device (tiny pre-training, mid, post, TTT, eval_niah) in a scratch
-     folder, each exiting cleanly.
+  6. bf16 autocast (--precision bf16): the fused head loss equals the full-logits path under it; per mixer the logits
+     stay within 5e-2 of fp32 with fp32 states, and a bf16 REFINE step's NTP loss within 2 % of the fp32 step's;
+  7. with --cli: the scripts end to end on the device (tiny pre-training, also compiled in bf16, mid, post, TTT,
+     eval_niah) in a scratch folder, each exiting cleanly.
 
     python bench/device_check.py                     # CUDA, checks 1-5 (a minute, most of it compiling)
     python bench/device_check.py --cli               # plus the end-to-end scripts
@@ -135,6 +137,40 @@ def check_refine_step(device):
                 max(rel(p.detach(), a) for p, a in zip(model.parameters(), after)), 1e-4
 
 
+def check_precision(device):
+    """bf16 autocast on the device (model.set_precision): what tests/test_precision.py proves on CPU."""
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(5000, 128, generator=g), 0.1 * torch.randn(8193, 128, generator=g)
+    targets = torch.randint(0, 8193, (5000,), generator=g)
+    out = []
+    for fn in (head_loss, head_loss_reference):
+        h, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss, _, entropy = fn(h, w, targets.to(device), with_entropy=True)
+        out.append([loss, entropy, *torch.autograd.grad(loss, (h, w))])
+    yield "bf16 autocast: fused head loss == full logits: loss, entropy, d hidden", \
+        max(rel(a, b) for a, b in zip(out[0][:3], out[1][:3])), 1e-3
+    yield "bf16 autocast: fused head loss == full logits: d weight (bf16 rounding)", rel(out[0][3], out[1][3]), 1e-2
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 96), generator=torch.Generator().manual_seed(2)).to(device)
+    for mixer in ("deltanet", "lact"):
+        results = {}
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            model = FastWeightLM(ModelConfig(mixer=mixer, **SMALL)).to(device)
+            model.set_precision(precision)
+            with torch.no_grad():
+                logits, _, state = model(tokens)
+            fp32_state = all(t.dtype == torch.float32 for layer in state.layers for name, t in vars(layer).items()
+                             if name in ("S", "w0", "w1", "w2"))
+            metrics = refine_step(model, make_optimizer(model, TrainConfig(lr=1e-3)), tokens, RefineConfig(c=4, k=3),
+                                  make_generator(0, torch.device(device)))
+            results[precision] = (logits, fp32_state, metrics["ntp_loss"])
+        (l32, _, ntp32), (l16, fp32_state, ntp16) = results["fp32"], results["bf16"]
+        yield f"{mixer}: bf16 logits vs fp32 (states stay fp32: {fp32_state})", \
+            rel(l16, l32) if fp32_state else float("inf"), 5e-2
+        yield f"{mixer}: bf16 REFINE step's NTP loss vs fp32's", abs(ntp16 / ntp32 - 1), 2e-2
+
+
 def check_checkpoint(device, folder: Path):
     torch.manual_seed(0)
     model = FastWeightLM(ModelConfig(mixer="deltanet", **SMALL)).to(device)
@@ -156,6 +192,9 @@ def check_cli(device, folder: Path):
             ("pretrain --checkpoint-segment 64 (compiled on CUDA)", lambda: train.main([
                 "--model", "deltanet", "--regime", "pretrain", "--out", str(folder / "pre-ckpt"), "--max-steps", "3",
                 "--checkpoint-segment", "64", *base])),
+            ("pretrain --precision bf16 (compiled on CUDA)", lambda: train.main([
+                "--model", "deltanet", "--regime", "pretrain", "--out", str(folder / "pre-bf16"), "--max-steps", "3",
+                "--precision", "bf16", *base])),
             ("mid", lambda: train.main(["--model", "deltanet", "--regime", "mid", "--init", str(folder / "pre"),
                                         "--out", str(folder / "mid"), "--max-steps", "2", *base])),
             ("post", lambda: train.main(["--model", "deltanet", "--regime", "post", "--init", str(folder / "pre"),
@@ -190,7 +229,7 @@ def main(argv=None) -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         checks = [check_kernel(device, not args.no_compile), check_models(device), check_head_loss(device),
-                  check_refine_step(device), check_checkpoint(device, Path(tmp) / "ckpt")]
+                  check_refine_step(device), check_precision(device), check_checkpoint(device, Path(tmp) / "ckpt")]
         checks += [check_cli(device, Path(tmp) / "cli")] if args.cli else []
         for check in checks:
             try:

@@ -7,10 +7,15 @@ Question answered: how does a run start, save itself and resume without ever los
   the previous checkpoint, and are read with `torch.load(weights_only=True)`, which refuses to execute code.
 - Every load error is a `CheckpointError` with a one-line message; scripts print it and exit with status 2.
 - CPU runs keep freed memory inside the process (`keep_freed_memory`), which the scripts ask for explicitly.
+- A regime run without --init pre-trains its base first (`base_checkpoint`).
+- Precision: `PRECISIONS` names the compute precisions a run can take (FastWeightLM.set_precision); the fast-weight
+  kernels wear `autocast_off`, so their states and sums stay fp32 under bf16 autocast.
 """
 
+import argparse
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import random
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
+PRECISIONS = ("fp32", "bf16")  # fp32 throughout, or bf16 autocast over fp32 weights (method.md §2, "precision")
 
 
 class CheckpointError(Exception):
@@ -36,6 +42,22 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def autocast_off(kernel):
+    """Decorator: run `kernel` with autocast off on the device of its first tensor argument.
+
+    Under bf16 autocast every matmul would run in bf16, and a fast-weight state summed over thousands of tokens in
+    bf16 drifts (and an in-place fp32 update of it fails). The kernels cast their inputs themselves (to fp32, fp64
+    for fp64), so with autocast off they compute exactly what they compute outside it: the layer's projections
+    around them are what bf16 speeds up. A custom backward wears it too, as autocast reaches a backward called
+    inside it."""
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return kernel(*args, **kwargs)
+    return run
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -174,6 +196,34 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     if vocab is not None and isinstance(rows, int) and rows < vocab:
         raise CheckpointError(f"checkpoint {path} has a vocabulary of {rows} tokens, but the tokenizer has {vocab}")
     return ckpt
+
+
+def base_checkpoint(args, device) -> Path:
+    """--init, else runs/<model>-pretrain; pre-train that base first (saying so) when it does not exist yet."""
+    if getattr(args, "init", None):
+        return Path(args.init)
+    base = Path("runs") / f"{args.model}-pretrain"
+    if not (base / "ckpt.pt").exists():
+        import train  # the CLI's own pre-training entry, so the base is exactly what --regime pretrain makes
+        precision = getattr(args, "precision", None)  # passed on, as --grad-checkpoint is
+        print(f"no --init and no base checkpoint at {base}/ckpt.pt: pre-training the base model first (as python "
+              f"train.py --model {args.model} --regime pretrain{' --precision ' + precision if precision else ''})")
+        pre_args = argparse.Namespace(model=args.model, data=getattr(args, "data", None), seed=args.seed,
+                                      compile=getattr(args, "compile", "off"), max_steps=None, seq_len=None,
+                                      batch_size=None, lr=None, answer_weight=None, resume=False,
+                                      grad_checkpoint=getattr(args, "grad_checkpoint", False), precision=precision)
+        base.mkdir(parents=True, exist_ok=True)
+        train.run_pretrain(pre_args, base, torch.device(device))
+    return base
+
+
+def checkpoint_seq_len(ckpt: dict) -> int:
+    """The sequence length a checkpoint was trained at (512 when it does not say)."""
+    value = (ckpt.get("train_config") or {}).get("seq_len") or 512
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"the checkpoint's train_config.seq_len is not a length: {value!r}") from None
 
 
 def run_dir(out: str | Path) -> Path:

@@ -23,7 +23,8 @@ Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different sc
   tensor memory is then 4x o instead of 6x at Dk = Dv = C (bench/kernels.py measures both; C > Dk costs more).
   `_delta_rule_chunked_autograd` (an earlier schedule differentiated by plain autograd, with the blocked-doubling
   inverse `unit_lower_inverse`) is kept as its test oracle.
-- fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs; fla stores U' and states in the input dtype.
+- fp32 (fp64 for fp64 inputs) throughout, including bf16/fp16 inputs and calls under bf16 autocast (`autocast_off`
+  switches it off inside, the backward included); fla stores U' and states in the input dtype.
 - On CPU the kernel is bound by memory traffic and op count more than by FLOPs (a 4 MB tensor falls out of L2), so
   the forward forms no tensor it does not need (no full A, no diag(b) K) and accumulates in place (`baddbmm_`).
 """
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from refine_mini.common import autocast_off
 from refine_mini.delta_rule_bwd import chunk_backward
 from refine_mini.ut_factor import unit_lower_inverse, ut_factor
 
@@ -67,6 +69,7 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None,
     return cdt, scale, h0
 
 
+@autocast_off
 def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None = None,
                          initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Token-by-token reference (the oracle). q, k (B,H,T,Dk); v (B,H,T,Dv); beta (B,H,T); state (B,H,Dk,Dv).
@@ -106,6 +109,7 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
+@autocast_off
 def _delta_rule_chunked_autograd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64,
                                  scale: float | None = None,
                                  initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -194,12 +198,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, do, dh, dhs):
         # dO may be expanded (stride 0, from a loss like o.sum()): chunk_backward makes it dense once, scaled
         dhs = dhs.contiguous() if dhs.numel() else None
         return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None, None)
 
 
+@autocast_off
 def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size: int = 64,
                        scale: float | None = None, initial_state: Tensor | None = None,
                        chunk_states: bool = False):

@@ -35,7 +35,7 @@ import torch
 
 from refine_mini import niah, tokenizer
 from refine_mini.common import CheckpointError, load_checkpoint
-from refine_mini.model import ModelState
+from refine_mini.state import ModelState
 from refine_mini.trainer import model_from_checkpoint
 
 TASK_NAMES = tuple(niah.TASKS)  # s_niah mk_niah mv_niah mq_niah qa qa_2hop

@@ -21,6 +21,8 @@ matmuls as the plain path. Extra memory: ∂L/∂h (N, D), the size of the hidde
 `head_loss_reference` is the plain path (full logits, F.cross_entropy, autograd); tests/test_head_loss.py proves the
 two agree in L, nll, entropy and both gradients. Deviation from the plain path: none in value; the sums run in a
 different order, so fp32 results differ in the last bits. The fused path supports one backward (no double backward).
+Under bf16 autocast (the model's precision "bf16") the three matmuls run in bf16, as autocast runs the plain path's,
+and the softmax, the sums over rows and the gradients' accumulation over blocks in fp32.
 """
 import torch
 import torch.nn.functional as F
@@ -35,10 +37,11 @@ def default_block_rows(device: torch.device) -> int:
     return 4096 if device.type == "cuda" else 256
 
 
-def _block(h, W, targets, w, with_entropy: bool, grad_weight):
-    """One block of n rows: h (n, D), W (V, D), targets (n,), w (n,) -> nll (n,), entropy (n,) or None, and ∂L/∂h
-    (n, D) with ∂L/∂W added into grad_weight (V, D) -- or None, None when grad_weight is None (no gradient wanted)."""
-    logp = torch.log_softmax(h @ W.T, dim=-1)  # (n, D) @ (D, V) -> (n, V): the block's logits, normalised
+def _block(h, W, targets, w, dtype, with_entropy: bool, grad_weight):
+    """One block of n rows: h (n, D) and W (V, D) in the matmuls' dtype, targets (n,), w (n,) -> nll (n,), entropy
+    (n,) or None, and ∂L/∂h (n, D) with ∂L/∂W added into grad_weight (V, D) -- or None, None when grad_weight is None
+    (no gradient wanted). The softmax and the sums run in `dtype` (fp32 at least)."""
+    logp = torch.log_softmax((h @ W.T).to(dtype), dim=-1)  # (n, D) @ (D, V) -> (n, V): the logits, normalised
     nll = -logp.gather(1, targets[:, None])[:, 0]  # (n, V) gather (n, 1) -> (n,)
     p = logp.exp()  # (n, V) softmax
     entropy = -(p * logp).sum(-1) if with_entropy else None  # H = −Σ_v p_v log p_v, (n,)
@@ -47,7 +50,11 @@ def _block(h, W, targets, w, with_entropy: bool, grad_weight):
     del logp
     g = p.scatter_add_(1, targets[:, None], p.new_full((len(targets), 1), -1.0))  # p − onehot(y), in place
     g.mul_(w[:, None])  # (n, V): ∂L/∂z = w (softmax − onehot)
-    grad_weight.addmm_(g.T, h)  # (V, n) @ (n, D) -> (V, D), summed over blocks
+    if h.dtype == dtype:
+        grad_weight.addmm_(g.T, h)  # (V, n) @ (n, D) -> (V, D), summed over blocks
+    else:  # bf16 matmuls (autocast): the (V, D) product in bf16, summed over blocks in fp32
+        g = g.to(h.dtype)
+        grad_weight += g.T @ h  # (V, n) @ (n, D) -> (V, D)
     return nll, entropy, g @ W  # (n, V) @ (V, D) -> (n, D)
 
 
@@ -56,8 +63,10 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, row_weights, block_rows: int, with_entropy: bool, want_grad: bool):
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # logits in fp32 at least (fp64 stays fp64)
-        W = weight.to(dtype)  # (V, D)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # softmax in fp32 at least (fp64 stays fp64)
+        device = hidden.device.type  # under autocast the matmuls take its dtype, as they would on the plain path
+        mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        W = weight.to(mm)  # (V, D)
         valid = targets != IGNORE  # (N,)
         safe_targets = torch.where(valid, targets, 0)  # (N,) any real id where ignored; its nll is zeroed below
         w = torch.where(valid, row_weights.to(dtype), 0)  # (N,): ignored rows weigh 0
@@ -67,7 +76,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(W) if want_grad else None  # (V, D)
         for lo in range(0, hidden.shape[0], block_rows):
             rows = slice(lo, lo + block_rows)
-            out = _block(hidden[rows].to(dtype), W, safe_targets[rows], w[rows], with_entropy, grad_weight)
+            with torch.autocast(device, enabled=False):  # the casts are explicit: h and W in mm, the rest in dtype
+                out = _block(hidden[rows].to(mm), W, safe_targets[rows], w[rows], dtype, with_entropy, grad_weight)
             nll[rows], entropy_rows, grad_rows = out  # the block's (n, V) tensors are freed on _block's return
             if with_entropy:
                 entropy[rows] = entropy_rows

@@ -13,11 +13,14 @@ Deviations from the released code:
   it because nothing follows). Outputs are identical; only the returned state differs, and this is what makes
   streaming (the state carries a buffered partial chunk of < C tokens) equal the full pass exactly.
 - Newton-Schulz runs in bf16 on CUDA (as released) but in the input dtype (at least fp32) on CPU; fp64 stays fp64.
-- Fast weights and the math of the op run in fp32 (fp64 when the inputs are fp64); no autocast/compile.
+- Fast weights and the math of the op run in fp32 (fp64 when the inputs are fp64), under bf16 autocast too
+  (`autocast_off`); no compile.
 Layout: kernel tensors (B, H, T, d); fast weights (B, H, rows, cols); lrs eta (B, H, T, 3); momentum m (B, H, T).
 """
 import torch
 import torch.nn.functional as F
+
+from refine_mini.common import autocast_off
 
 # (a, b, c) per Newton-Schulz iteration, X <- a X + (b A + c A^2) X with A = X X^T (spec §3.2 step 4).
 NS5_COEFFS = (
@@ -117,6 +120,7 @@ def update_fast_weights(weights, momenta, norms, grads, mu, use_momentum, use_mu
     return tuple(new_w), tuple(new_m)
 
 
+@autocast_off
 def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
                  use_momentum=True, use_muon=False, history=None):
     """Streaming apply-then-update over chunks (closed-form gradients).
@@ -163,6 +167,7 @@ def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
     return o, weights, momenta, buffer
 
 
+@autocast_off
 def lact_reference(q, k, v, eta, m, w0, w1, w2, chunk_size, use_momentum=True, use_muon=False):
     """Plain oracle: one full sequence, a per-chunk loop, gradients from torch.func.grad.
 

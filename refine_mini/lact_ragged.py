@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from refine_mini.common import autocast_off
 from refine_mini.lact_ops import closed_form_grads, swiglu_fw, update_fast_weights
 from refine_mini.rope import apply_rope
 
@@ -75,6 +76,7 @@ def _attend(layer, q, k, v, s: LaCTRaggedState):
     return out.flatten(2), keys[:, 1:], vals[:, 1:], torch.clamp(s.n_kv + 1, max=W - 1)
 
 
+@autocast_off  # the fast weights in fp32 under bf16 autocast too, as lact_chunked
 def _fast_step(layer, fq, fk, fv, eta, mom, s: LaCTRaggedState):
     """One token of the TTT branch per row: apply, append to the chunk, update the rows whose chunk is full.
     fq, fk, fv (B, Hf, d); eta (B, Hf, 3); mom (B, Hf). Returns o (B, Hf, d) and the new fast-weight fields."""

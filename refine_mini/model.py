@@ -11,26 +11,31 @@ There is no positional embedding: position lives in the recurrent state (and in 
 vectors REFINE's cosine reward compares (method.md §1.2, §5) -- *and* the new recurrent state. There is no
 "last position only" shortcut: RL needs every position's log-probability.
 
-The recurrent state is an explicit value, `ModelState`, one entry per layer. Every per-layer state is a dataclass
-whose tensor fields have the batch at dim 0, so the four operations rollouts need -- clone, detach, select rows,
-repeat rows -- are written once, here, for every mixer.
+The recurrent state is an explicit value, `ModelState` (state.py), one entry per layer.
 
 Memory switches (attributes, not config: they change no number): `fused_head` (on: losses without the (B, T, V)
 logits, head_loss.py) and `set_checkpointing` (off: activation checkpointing, whole blocks or pieces, `_run_block`).
+Compute switch: `set_precision` ("fp32", the default; "bf16": every entry point -- encode, encode_recorded,
+snapshots, head, head_loss -- runs under bf16 autocast over the fp32 weights, the paper's setting, method.md §2).
+Under it the projections, MLPs and the LM head's matmuls run in bf16; the fast-weight kernels (`autocast_off`), the
+norms, softmaxes and losses stay fp32, and so do the residual stream, the hidden states and the fast-weight memories
+(DeltaNet's conv window caches its bf16 projections as they are).
 """
 
-import dataclasses
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from refine_mini.common import PRECISIONS
 from refine_mini.deltanet import DeltaNet
 from refine_mini.head_loss import head_loss, head_loss_reference
 from refine_mini.lact import LaCT
+from refine_mini.state import ModelState
 
 
 @dataclass
@@ -66,50 +71,6 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.mixer!r}: choose 'deltanet' or 'lact'")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-
-
-@dataclass
-class ModelState:
-    """The whole model's recurrent memory: one per-layer state dataclass per block (batch at dim 0 everywhere)."""
-
-    layers: list = field(default_factory=list)
-
-    def _map(self, fn) -> "ModelState":
-        """Apply fn to every tensor field of every layer state, keeping non-tensor fields (e.g. positions)."""
-        out = []
-        for layer_state in self.layers:
-            changes = {f.name: fn(getattr(layer_state, f.name))
-                       for f in dataclasses.fields(layer_state)
-                       if isinstance(getattr(layer_state, f.name), torch.Tensor)}
-            out.append(dataclasses.replace(layer_state, **changes))
-        return ModelState(out)
-
-    def clone(self) -> "ModelState":
-        """An independent copy; stays differentiable (gradients flow back to the original's graph)."""
-        return self._map(torch.clone)
-
-    def detach(self) -> "ModelState":
-        """Cut the autograd graph (for generation and test-time answers)."""
-        return self._map(torch.Tensor.detach)
-
-    def select(self, rows: torch.Tensor) -> "ModelState":
-        """Keep batch rows `rows` (LongTensor (B',)), in that order."""
-        return self._map(lambda t: t.index_select(0, rows.to(t.device)))
-
-    def repeat_interleave(self, n: int) -> "ModelState":
-        """Each row repeated n times, consecutively: rows (a, b) -> (a, a, b, b) for n = 2 (a GRPO group)."""
-        return self._map(lambda t: t.repeat_interleave(n, dim=0))
-
-    @staticmethod
-    def cat(states: list["ModelState"]) -> "ModelState":
-        """Stack the rows of several states with identical non-tensor fields (e.g. same position)."""
-        merged = []
-        for per_layer in zip(*(s.layers for s in states)):
-            first = per_layer[0]
-            changes = {f.name: torch.cat([getattr(s, f.name) for s in per_layer], dim=0)
-                       for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)}
-            merged.append(dataclasses.replace(first, **changes))
-        return ModelState(merged)
 
 
 class SwiGLU(nn.Module):
@@ -152,6 +113,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), extra  # (B, T, D), the mixer's state or record
 
 
+def _in_precision(method):
+    """Run a FastWeightLM entry point under the model's compute precision (set_precision): bf16 autocast or none."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.autocast(self.embed.weight.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return method(self, *args, **kwargs)
+    return run
+
+
 class FastWeightLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -169,10 +139,12 @@ class FastWeightLM(nn.Module):
             self.lm_head.weight = self.embed.weight  # (V, D): one matrix reads and writes tokens
         self.fused_head = True  # head_loss: blockwise fused cross-entropy (False: the plain full-logits reference)
         self.grad_checkpoint, self.checkpoint_segment = False, 0  # set_checkpointing: off, whole sequences
+        self.precision = "fp32"  # set_precision: no autocast
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @_in_precision
     def encode(self, tokens: torch.Tensor, state: ModelState | None = None):
         """tokens (B, T) -> hidden (B, T, D) after the final norm, new ModelState. No LM head: callers that need
         logits at a few positions only (rollouts, REFINE's first token) or in row blocks (entropy) apply `head`."""
@@ -194,6 +166,12 @@ class FastWeightLM(nn.Module):
             raise ValueError(f"--checkpoint-segment {segment} must be a multiple of the model's chunk size "
                              f"({', '.join(map(str, chunks))} tokens)")
         self.grad_checkpoint, self.checkpoint_segment = enabled or segment > 0, segment
+
+    def set_precision(self, precision: str) -> None:
+        """"fp32" or "bf16" (bf16 autocast in every entry point; the weights stay fp32). ValueError otherwise."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
 
     def _run_block(self, block, x, state, recorded: bool = False):
         """block(x, state) -> (x, state, the mixer's record if `recorded` else None).
@@ -223,6 +201,7 @@ class FastWeightLM(nn.Module):
         """True when every mixer can rebuild prefix states from a recorded full pass (DeltaNet and LaCT both can)."""
         return all(hasattr(block.mixer, "forward_recorded") for block in self.blocks)
 
+    @_in_precision
     def encode_recorded(self, tokens: torch.Tensor, ends: list | None = None):
         """encode(tokens) from the start, plus per-layer records for `snapshots`; or, given `ends`, the snapshots, each
         layer's built once its pass ends, so no record ((B, T, .) tensors) outlives its layer. Needs can_snapshot()."""
@@ -234,17 +213,20 @@ class FastWeightLM(nn.Module):
             del record  # with ends, the last reference to this layer's record
         return self.final_norm(x), (out if ends is None else [ModelState(list(layers)) for layers in zip(*out)])
 
+    @_in_precision
     def snapshots(self, records: list, ends: list) -> list:
         """For each row b and position t in ends[b], the ModelState after reading tokens[b, :t+1] (batch 1,
         attached to the recorded pass's graph), row-major."""
         per_layer = [block.mixer.snapshots(rec, ends) for block, rec in zip(self.blocks, records)]
         return [ModelState(list(layers)) for layers in zip(*per_layer)]
 
+    @_in_precision
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> logits (..., V) in fp32 at least (an fp64 model stays fp64)."""
         logits = self.lm_head(hidden)  # (..., D) @ (D, V) -> (..., V)
         return logits if logits.dtype == torch.float64 else logits.float()
 
+    @_in_precision
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor | None = None,
                   with_entropy: bool = False):
         """Σ_r w_r · CE(head(hidden_r), targets_r) without the (..., V) logits (head_loss.py): hidden (..., D),

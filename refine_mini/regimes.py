@@ -28,7 +28,6 @@ ckpt_every batches and at the end). A non-finite loss stops the run before it sa
 CPU: every batch and rollout sampler is seeded by (seed, step); the checkpoint holds model, optimizer, step, RNGs.
 """
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -37,10 +36,10 @@ from pathlib import Path
 import torch
 
 from refine_mini import tokenizer
-from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, make_generator, set_rng_state,
-                                trim_log)
-from refine_mini.trainer import (clip_and_step, make_optimizer, model_from_checkpoint, ntp_loss_from_hidden, save_run,
-                                 skip_streak, validation_metrics)
+from refine_mini.common import (MetricLog, base_checkpoint, checkpoint_seq_len, clock, load_checkpoint, make_generator,
+                                set_rng_state, trim_log)
+from refine_mini.trainer import (apply_compute_settings, clip_and_step, make_optimizer, model_from_checkpoint,
+                                 ntp_loss_from_hidden, save_run, skip_streak, validation_metrics)
 
 OBJECTIVES = {"mid": ("refine", "ntp"), "post": ("refine", "nested-sft", "sft")}
 
@@ -61,6 +60,7 @@ class RegimeConfig:
     seed: int = 0  # drives data, rollouts and evaluation sampling
     grad_checkpoint: bool = False  # per-block activation checkpointing: the paper's is on (16K tokens), ours off (512)
     checkpoint_segment: int = 0  # checkpoint each block on pieces of this many tokens (0: whole sequences)
+    precision: str = "fp32"  # fp32 | bf16 autocast over fp32 weights (the paper's; FastWeightLM.set_precision)
     refine: dict = field(default_factory=dict)  # RefineConfig overrides (c, k, n, reward, lambda_rl, ...)
     train_tasks: tuple = ("s_niah", "mk_niah", "qa")  # post: TRAINING-split tasks, mixed within each batch
     eval_tasks: tuple = ("s_niah", "qa")  # post: the quick before/after score (EVAL split, greedy)
@@ -92,7 +92,7 @@ def resolve_config(args) -> RegimeConfig:
         raise ValueError(f"--objective {objective!r} is not available for --regime {args.regime}; "
                          f"choose one of {', '.join(OBJECTIVES[args.regime])}")
     cfg.objective, cfg.seed = objective, args.seed
-    for name in ("max_steps", "batch_size", "seq_len", "lr", "grad_checkpoint", "checkpoint_segment"):
+    for name in ("max_steps", "batch_size", "seq_len", "lr", "grad_checkpoint", "checkpoint_segment", "precision"):
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.refine.update({name: getattr(args, name) for name in REFINE_FLAGS if getattr(args, name, None) is not None})
@@ -161,33 +161,6 @@ def check_finite(metrics: dict, keys) -> None:
 
 # ---- run plumbing shared by mid and post ------------------------------------------------------------------------
 
-def base_checkpoint(args, device) -> Path:
-    """--init, else runs/<model>-pretrain; pre-train that base first (saying so) when it does not exist yet."""
-    if getattr(args, "init", None):
-        return Path(args.init)
-    base = Path("runs") / f"{args.model}-pretrain"
-    if not (base / "ckpt.pt").exists():
-        import train  # the CLI's own pre-training entry, so the base is exactly what --regime pretrain makes
-        print(f"no --init and no base checkpoint at {base}/ckpt.pt: pre-training the base model first "
-              f"(as python train.py --model {args.model} --regime pretrain)")
-        pre_args = argparse.Namespace(model=args.model, data=getattr(args, "data", None), seed=args.seed,
-                                      compile=getattr(args, "compile", "off"), max_steps=None, seq_len=None,
-                                      batch_size=None, lr=None, answer_weight=None, resume=False,
-                                      grad_checkpoint=getattr(args, "grad_checkpoint", False))
-        base.mkdir(parents=True, exist_ok=True)
-        train.run_pretrain(pre_args, base, torch.device(device))
-    return base
-
-
-def checkpoint_seq_len(ckpt: dict) -> int:
-    """The sequence length a checkpoint was trained at (512 when it does not say)."""
-    value = (ckpt.get("train_config") or {}).get("seq_len") or 512
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"the checkpoint's train_config.seq_len is not a length: {value!r}") from None
-
-
 class Run:
     """Model + optimizer + log + checkpointing of one regime run (start, resume, per-step logging, save)."""
 
@@ -198,7 +171,7 @@ class Run:
                                for_resume=resume, vocab=tokenizer.vocab_size())
         cfg.seq_len = cfg.seq_len or checkpoint_seq_len(ckpt)
         self.model = model_from_checkpoint(ckpt, device).train()
-        self.model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)  # ValueError for a bad segment
+        apply_compute_settings(self.model, cfg)  # ValueError for a bad segment or precision
         self.optimizer = make_optimizer(self.model, cfg)  # AdamW (β1, β2), decay on matrices, constant LR
         self.rcfg = refine_config(dict(cfg.refine))
         if cfg.objective == "refine":  # c prefix ends, each with k rollout tokens after it, in one document or prompt

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from refine_mini.model import ModelState, sample_token
+from refine_mini.model import sample_token
+from refine_mini.state import ModelState
 from refine_mini.selection import eval_mode, pad_documents
 
 

@@ -56,7 +56,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (auto: on for CUDA, off for CPU)
     grad_checkpoint: bool = False  # activation checkpointing per block (FastWeightLM.set_checkpointing)
     checkpoint_segment: int = 0  # ... on pieces of this many tokens (0: whole sequences)
+    precision: str = "fp32"  # fp32 | bf16 (autocast over fp32 weights, FastWeightLM.set_precision)
     answer_weight: float = 100.0  # loss weight of answer tokens relative to the rest (module docstring); 1 = NTP
+
+
+def apply_compute_settings(model, cfg) -> None:
+    """A run config's (TrainConfig, RegimeConfig, TTTConfig) activation checkpointing and precision, set on the model.
+    ValueError for a segment that is not a multiple of the chunk size, or an unknown precision."""
+    model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)
+    model.set_precision(cfg.precision)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -216,7 +224,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     out = run_dir(out)
     torch.manual_seed(cfg.seed)
     model = FastWeightLM(model_cfg).to(device)
-    model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)
+    apply_compute_settings(model, cfg)
     optimizer = make_optimizer(model, cfg)
     start = 0
     if resume and (out / "ckpt.pt").exists():

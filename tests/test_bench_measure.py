@@ -34,7 +34,9 @@ def test_cpu_peak_bytes_keeps_the_profilers_lines_off_stderr_and_restores_it(cap
                                           ("refine_step", ["--batch", "0"]), ("refine_step", ["--mixers", "rnn"]),
                                           ("refine_step", ["--seq-len", "20"]), ("refine_step", ["--devices", "tpu"]),
                                           ("memory", ["--batch", "0"]), ("memory", ["--lengths", "512", "20"]),
-                                          ("memory", ["--mixers", "rnn"]), ("memory", ["--device", "tpu"])])
+                                          ("memory", ["--mixers", "rnn"]), ("memory", ["--device", "tpu"]),
+                                          ("precision", ["--reps", "0"]), ("precision", ["--lengths", "20"]),
+                                          ("precision", ["--mixers", "rnn"]), ("precision", ["--device", "tpu"])])
 def test_bench_scripts_refuse_bad_flags_in_one_line(script, argv, capsys):
     main = importlib.import_module(f"bench.{script}").main
     assert main(argv) == 2

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from refine_mini.model import ModelState
 from refine_mini.lact_ragged import to_ragged
+from refine_mini.state import ModelState
 
 from tests.test_lact import make_layer
 

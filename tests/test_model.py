@@ -4,7 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from refine_mini.model import FastWeightLM, ModelConfig, ModelState
+from refine_mini.model import FastWeightLM, ModelConfig
+from refine_mini.state import ModelState
 
 MIXERS = ["deltanet", "lact"]
 

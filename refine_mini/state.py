@@ -1,0 +1,57 @@
+"""The whole model's recurrent state: what a FastWeightLM carries from one call to the next.
+
+Question answered: how can REFINE fork, stack and select the fast-weight memories of many prefixes as plain values?
+
+`ModelState` holds one per-layer state dataclass per block (DeltaNetState, LaCTState or LaCTRaggedState). Every
+per-layer state keeps the batch at dim 0 of every tensor field, so the operations rollouts need -- clone, detach,
+select rows, repeat rows, concatenate -- are written once, here, for every mixer (method.md §1.4-1.5).
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ModelState:
+    """The whole model's recurrent memory: one per-layer state dataclass per block (batch at dim 0 everywhere)."""
+
+    layers: list = field(default_factory=list)
+
+    def _map(self, fn) -> "ModelState":
+        """Apply fn to every tensor field of every layer state, keeping non-tensor fields (e.g. positions)."""
+        out = []
+        for layer_state in self.layers:
+            changes = {f.name: fn(getattr(layer_state, f.name))
+                       for f in dataclasses.fields(layer_state)
+                       if isinstance(getattr(layer_state, f.name), torch.Tensor)}
+            out.append(dataclasses.replace(layer_state, **changes))
+        return ModelState(out)
+
+    def clone(self) -> "ModelState":
+        """An independent copy; stays differentiable (gradients flow back to the original's graph)."""
+        return self._map(torch.clone)
+
+    def detach(self) -> "ModelState":
+        """Cut the autograd graph (for generation and test-time answers)."""
+        return self._map(torch.Tensor.detach)
+
+    def select(self, rows: torch.Tensor) -> "ModelState":
+        """Keep batch rows `rows` (LongTensor (B',)), in that order."""
+        return self._map(lambda t: t.index_select(0, rows.to(t.device)))
+
+    def repeat_interleave(self, n: int) -> "ModelState":
+        """Each row repeated n times, consecutively: rows (a, b) -> (a, a, b, b) for n = 2 (a GRPO group)."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def cat(states: list["ModelState"]) -> "ModelState":
+        """Stack the rows of several states with identical non-tensor fields (e.g. same position)."""
+        merged = []
+        for per_layer in zip(*(s.layers for s in states)):
+            first = per_layer[0]
+            changes = {f.name: torch.cat([getattr(s, f.name) for s in per_layer], dim=0)
+                       for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)}
+            merged.append(dataclasses.replace(first, **changes))
+        return ModelState(merged)
