@@ -1,17 +1,21 @@
 """Measuring helpers for the bench scripts: wall-time medians (interleaved and back to back), the peak tensor memory of
-a call (CPU and CUDA), and the oneDNN matmul rate beside MKL's.
+a call (CPU and CUDA), the oneDNN matmul rate beside MKL's, and the flags of the training-step benches.
 
 Question answered: how do we time and size a kernel fairly on a shared, noisy machine, in one run?
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
+import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from refine_mini.common import keep_freed_memory
 
 
 def sync() -> None:
@@ -107,3 +111,35 @@ def onednn_rate(a: torch.Tensor) -> float | None:
     except (RuntimeError, AttributeError):
         return None
     return 2 * a.shape[0] ** 3 / t
+
+
+def add_step_flags(parser: argparse.ArgumentParser, lengths: list[int], batch: int) -> None:
+    """The flags of the training-step benches (memory.py, precision.py): lengths, batch, c, k, reps, mixers, device."""
+    parser.add_argument("--lengths", type=int, nargs="+", default=lengths, help="tokens per document T")
+    parser.add_argument("--batch", type=int, default=batch, help="documents per batch B")
+    parser.add_argument("--c", type=int, default=8, help="chunks (selected positions) per document")
+    parser.add_argument("--k", type=int, default=5, help="rollout length")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    parser.add_argument("--mixers", default="deltanet,lact", help="comma-separated mixers to bench")
+    parser.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda if present)")
+
+
+def step_bench_device(args, more_errors=()) -> torch.device | None:
+    """The device add_step_flags' flags ask for, with freed memory kept in the process on CPU (as train.py); or None,
+    after printing the first thing wrong with them (or in `more_errors`) as one line on stderr."""
+    bad = [f"--{name} must be >= 1, got {getattr(args, name)}" for name in ("batch", "c", "k", "reps")
+           if getattr(args, name) < 1]
+    bad += [f"--lengths {t} leaves no room for --c {args.c} chunks with a {args.k}-token rollout each"
+            for t in args.lengths if t < args.c * (args.k + 2)]
+    bad += [f"unknown mixer {m!r} in --mixers; use deltanet, lact" for m in args.mixers.split(",")
+            if m not in ("deltanet", "lact")]
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    bad += [f"unknown or unavailable device {name!r}; use cpu or cuda"] \
+        if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()) else []
+    bad += list(more_errors)
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return None
+    if name == "cpu":
+        keep_freed_memory()  # freed blocks stay in the process (peak tensor memory is unaffected)
+    return torch.device(name)

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.measure import peak_bytes, timed  # noqa: E402
-from refine_mini.common import keep_freed_memory  # noqa: E402
+from bench.measure import add_step_flags, peak_bytes, step_bench_device, timed  # noqa: E402
 from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
 from refine_mini.refine import RefineConfig, refine_step  # noqa: E402
 from refine_mini.trainer import TrainConfig, clip_and_step, make_optimizer, ntp_loss_from_hidden  # noqa: E402
@@ -88,35 +87,16 @@ def verdict(ratio: float, target: float, at_least: bool) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: T=512, 1 repetition")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192], help="tokens per document T")
-    parser.add_argument("--batch", type=int, default=2, help="documents per batch B")
-    parser.add_argument("--c", type=int, default=8, help="chunks (selected positions) per document")
-    parser.add_argument("--k", type=int, default=5, help="rollout length")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
-    parser.add_argument("--mixers", default="deltanet,lact", help="comma-separated mixers to bench")
+    add_step_flags(parser, lengths=[2048, 8192], batch=2)
     parser.add_argument("--segment", type=int, default=1024,
                         help="tokens per checkpointed piece on the 'pieces' path (a multiple of 128)")
-    parser.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda if present)")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.reps = [512], 1
-    bad = [f"--{name} must be >= 1, got {getattr(args, name)}" for name in ("batch", "c", "k", "reps")
-           if getattr(args, name) < 1]
-    bad += [f"--segment must be a positive multiple of 128 (both models' chunks), got {args.segment}"] \
-        if args.segment < 1 or args.segment % 128 else []
-    bad += [f"--lengths {t} leaves no room for --c {args.c} chunks with a {args.k}-token rollout each"
-            for t in args.lengths if t < args.c * (args.k + 2)]
-    bad += [f"unknown mixer {m!r} in --mixers; use deltanet, lact" for m in args.mixers.split(",")
-            if m not in ("deltanet", "lact")]
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    bad += [f"unknown or unavailable device {name!r}; use cpu or cuda"] \
-        if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()) else []
-    if bad:
-        print(f"error: {bad[0]}", file=sys.stderr)
+    device = step_bench_device(args, [f"--segment must be a positive multiple of 128 (both models' chunks), got "
+                                      f"{args.segment}"] if args.segment < 1 or args.segment % 128 else [])
+    if device is None:
         return 2
-    device = torch.device(name)
-    if device.type == "cpu":
-        keep_freed_memory()  # as train.py: freed blocks stay in the process (peak tensor memory is unaffected)
     print(f"torch {torch.__version__}, device {device.type}, CPU threads {torch.get_num_threads()}, B={args.batch} "
           f"c={args.c} k={args.k}, default ModelConfig; peak tensor memory above the model and optimizer state")
     results = [(mixer, seq_len, *row) for mixer in args.mixers.split(",") for seq_len in args.lengths
