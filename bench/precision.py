@@ -7,7 +7,7 @@ the wall time (median of --reps, the two precisions interleaved) and the peak te
 REFINE step (schedule "single", mid/post's) and one REFINE batch in the minibatch schedule (TTT's), in fp32 and bf16,
 with the ratios fp32 / bf16 (> 1: bf16 is faster or smaller), and the NTP loss of the first step in both.
 Beside them, the rate of a 2048 x 2048 matmul in fp32 and in bf16 on this machine: bf16 can only pay where its
-matmuls are faster (CPUs with AMX or AVX512-BF16, every recent GPU); elsewhere it is emulated and slower.
+matmuls are faster (CPUs with AMX or AVX512-BF16, recent GPUs); elsewhere they are converted, not sped up.
 No target is set: the ratios say what the switch buys on the machine at hand.
 
     python bench/precision.py              # T = 512 and 2048, B = 4
@@ -42,9 +42,9 @@ def matmul_rates(device: torch.device) -> dict:
     return rates
 
 
-def bench_one(mixer: str, device: torch.device, seq_len: int, args) -> list[tuple]:
-    """[(step name, {precision: seconds}, {precision: peak bytes})] for one mixer and length, plus the first NTP
-    loss in each precision."""
+def bench_one(mixer: str, device: torch.device, seq_len: int, args) -> tuple[list[tuple], dict]:
+    """([(step name, {precision: seconds}, {precision: peak bytes})], {precision: NTP loss before any step}) for one
+    mixer and length."""
     torch.manual_seed(0)
     model = FastWeightLM(ModelConfig(mixer=mixer)).to(device)
     tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, seq_len),
