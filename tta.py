@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from refine_mini import tokenizer
-from refine_mini.common import (PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory, load_checkpoint,
-                                pick_device, set_seed)
+from refine_mini.common import (PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory,
+                                load_checkpoint, pick_device, set_seed)
 from refine_mini.niah import TASKS, make_task_examples
 from refine_mini.posttrain import score_examples
 from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator

@@ -99,18 +99,25 @@ def check_models(device):
             yield f"{mixer}: prefill + token-by-token decode == one full pass", rel(torch.cat(steps, 1), full), 1e-4
 
 
-def check_head_loss(device):
-    g = torch.Generator().manual_seed(3)  # 5000 rows: two blocks of CUDA's 4096, twenty of CPU's 256
+def head_loss_pair(device, seed: int, bf16: bool = False) -> list[list[torch.Tensor]]:
+    """[loss, entropy, d hidden, d weight] of the fused head loss and of the full-logits path, on the same 5000 rows
+    (two blocks of CUDA's 4096, twenty of CPU's 256), every ninth without a target; under bf16 autocast if asked."""
+    g = torch.Generator().manual_seed(seed)
     hidden, weight = torch.randn(5000, 128, generator=g), 0.1 * torch.randn(8193, 128, generator=g)
     targets = torch.randint(0, 8193, (5000,), generator=g)
     targets[::9] = IGNORE
     out = []
     for fn in (head_loss, head_loss_reference):
         h, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
-        loss, _, entropy = fn(h, w, targets.to(device), with_entropy=True)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _, entropy = fn(h, w, targets.to(device), with_entropy=True)
         out.append([loss, entropy, *torch.autograd.grad(loss, (h, w))])
+    return out
+
+
+def check_head_loss(device):
     yield "fused head loss == full logits: loss, entropy, d hidden, d weight", \
-        max(rel(a, b) for a, b in zip(*out)), 1e-5
+        max(rel(a, b) for a, b in zip(*head_loss_pair(device, seed=3))), 1e-5
 
 
 def check_refine_step(device):
@@ -139,15 +146,7 @@ def check_refine_step(device):
 
 def check_precision(device):
     """bf16 autocast on the device (model.set_precision): what tests/test_precision.py proves on CPU."""
-    g = torch.Generator().manual_seed(4)
-    hidden, weight = torch.randn(5000, 128, generator=g), 0.1 * torch.randn(8193, 128, generator=g)
-    targets = torch.randint(0, 8193, (5000,), generator=g)
-    out = []
-    for fn in (head_loss, head_loss_reference):
-        h, w = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            loss, _, entropy = fn(h, w, targets.to(device), with_entropy=True)
-        out.append([loss, entropy, *torch.autograd.grad(loss, (h, w))])
+    out = head_loss_pair(device, seed=4, bf16=True)
     yield "bf16 autocast: fused head loss == full logits: loss, entropy, d hidden", \
         max(rel(a, b) for a, b in zip(out[0][:3], out[1][:3])), 1e-3
     yield "bf16 autocast: fused head loss == full logits: d weight (bf16 rounding)", rel(out[0][3], out[1][3]), 1e-2

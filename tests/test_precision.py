@@ -17,22 +17,22 @@ from refine_mini.common import autocast_off
 from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent
 from refine_mini.head_loss import head_loss, head_loss_reference
 from refine_mini.lact_ragged import _fast_step, to_ragged
-from refine_mini.model import FastWeightLM, ModelConfig
+from refine_mini.model import FastWeightLM
 from refine_mini.refine import RefineConfig, refine_step
 from refine_mini.rollout import segmented_forward
 from refine_mini.selection import pad_documents
 from tests.test_deltanet import inputs, rel
 from tests.test_lact import make_layer, make_op_inputs, run_chunked
+from tests.test_refine_step import MIXERS
+from tests.test_refine_step import make_model as tiny_model
 from tests.test_regimes import LENGTH, run_cli, small_defaults, tiny_ckpt  # noqa: F401 (fixtures)
 
-TINY = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=64, chunk_size=8, lact_chunk=8, window=8, n_heads_fast=2)
-MIXERS = ["deltanet", "lact"]
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
 def make_model(mixer, precision="fp32"):
-    torch.manual_seed(0)
-    model = FastWeightLM(ModelConfig(mixer=mixer, **TINY))
+    """test_refine_step's tiny model (seed 0) in `precision`."""
+    model = tiny_model(mixer)
     model.set_precision(precision)
     return model
 
