@@ -11,11 +11,12 @@ step) and ckpt.pt (atomic). Bad input exits with status 2 and a one-line message
 import argparse
 import math
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from refine_mini.common import PRECISIONS, CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
+from refine_mini.common import (PRECISIONS, CheckpointError, fail, keep_freed_memory, load_checkpoint, pick_device,
+                                run_dir, set_seed)
 from refine_mini.model import ModelConfig
+from refine_mini.resume import configure, given_flags, saved_config
 from refine_mini.trainer import TrainConfig, pretrain
 
 MODELS = ("deltanet", "lact")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-weight", type=float,
                    help="pretrain: loss weight of answer tokens (after 'Answer:', through the newline) relative to "
                         "the rest; 1 = plain NTP (default 100, refine_mini/trainer.py)")
-    p.add_argument("--seed", type=int, default=0, help="the one seed that drives init, data and sampling")
+    p.add_argument("--seed", type=int, help="the one seed that drives init, data and sampling (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the model (auto: on for CUDA, off on CPU where compiling costs minutes)")
@@ -60,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-segment", type=int, metavar="N",
                    help="checkpoint each block on N-token pieces, one after another (implies --grad-checkpoint; "
                         "a multiple of the chunk size, e.g. 2048): less memory again at long context")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with the settings it was started with "
+                        "(refine_mini/resume.py: only --max-steps, --compile and checkpointing may change)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that already holds a run (without it, that is an error)")
     r = p.add_argument_group("REFINE (mid/post; defaults from method.md §2, see refine_mini/regimes.py)")
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the flags that set a pre-training TrainConfig field of the same name (the others: --model, --out, --device, ...)
+PRETRAIN_FLAGS = ("max_steps", "seq_len", "batch_size", "lr", "answer_weight", "seed", "grad_checkpoint",
+                  "checkpoint_segment", "precision", "data")
 REFINE_ONLY = ("init", "objective", "c", "k", "n", "selection", "reward", "schedule", "minibatches", "lambda_rl")
 
 
@@ -113,7 +119,8 @@ def main(argv=None) -> dict:
                              f"again (or choose another --out)")
         if device.type == "cpu":
             keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
-        set_seed(args.seed)
+        set_seed(0 if args.seed is None else args.seed)  # a resumed run then restores its saved RNG states
+        args.data = str(Path(args.data).resolve()) if args.data else None  # recorded, and compared on --resume
         run_dir(out)
         if args.regime == "pretrain":
             return run_pretrain(args, out, device)
@@ -130,16 +137,13 @@ def main(argv=None) -> dict:
 def run_pretrain(args, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
     compile_ = (args.compile == "on") or (args.compile == "auto" and device.type == "cuda")
-    cfg = TrainConfig(max_steps=PRETRAIN_STEPS[args.model], seed=args.seed, compile=compile_,
-                      grad_checkpoint=args.grad_checkpoint, precision=getattr(args, "precision", None) or "fp32",
-                      checkpoint_segment=getattr(args, "checkpoint_segment", None) or 0)  # (not in base_checkpoint's)
-    overrides = {"max_steps": args.max_steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr,
-                 "answer_weight": args.answer_weight}
-    for f in fields(cfg):
-        if overrides.get(f.name) is not None:
-            setattr(cfg, f.name, overrides[f.name])
-    corpus = make_corpus(args.data, cfg.seq_len, seed=args.seed)
-    metrics = pretrain(default_model_config(args.model), cfg, corpus, out, device, resume=args.resume)
+    cfg = TrainConfig(max_steps=PRETRAIN_STEPS[args.model])
+    saved = None
+    if getattr(args, "resume", False):  # the run's own settings (resume.py); its tensors are mapped, not read
+        saved = saved_config(load_checkpoint(out, expect_mixer=args.model, for_resume=True, mmap=True), "pretrain", out)
+    configure(cfg, {**given_flags(args, PRETRAIN_FLAGS), "compile": compile_}, saved)
+    corpus = make_corpus(cfg.data, cfg.seq_len, seed=cfg.seed)
+    metrics = pretrain(default_model_config(args.model), cfg, corpus, out, device, resume=saved is not None)
     print(f"done: {out}/ckpt.pt  " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
     return metrics
 

@@ -168,9 +168,10 @@ def _umask() -> int:
 
 
 def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_location="cpu",
-                    for_resume: bool = False, vocab: int | None = None) -> dict:
+                    for_resume: bool = False, vocab: int | None = None, mmap: bool = False) -> dict:
     """Load a checkpoint file (or a run folder holding `ckpt.pt`) safely; raise CheckpointError on any problem.
     for_resume: it must also hold what resuming needs (optimizer, step, RNG states).
+    mmap: map its tensors instead of reading them (cheap, for a caller that wants only its configs).
     vocab: the tokenizer's vocabulary size the caller will feed it; a model with fewer token rows cannot embed them."""
     path = Path(path)
     if path.is_dir():
@@ -178,7 +179,7 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, random bytes, pickled code ... all end here
         raise CheckpointError(f"checkpoint {path} is corrupted or not a refine_mini checkpoint "
                               f"({type(e).__name__})") from None

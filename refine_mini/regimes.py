@@ -38,6 +38,7 @@ import torch
 from refine_mini import tokenizer
 from refine_mini.common import (MetricLog, base_checkpoint, checkpoint_seq_len, clock, load_checkpoint, make_generator,
                                 set_rng_state, trim_log)
+from refine_mini.resume import configure, given_flags, require_same, saved_config
 from refine_mini.trainer import (apply_compute_settings, clip_and_step, make_optimizer, model_from_checkpoint,
                                  ntp_loss_from_hidden, save_run, skip_streak, validation_metrics)
 
@@ -61,6 +62,7 @@ class RegimeConfig:
     grad_checkpoint: bool = False  # per-block activation checkpointing: the paper's is on (16K tokens), ours off (512)
     checkpoint_segment: int = 0  # checkpoint each block on pieces of this many tokens (0: whole sequences)
     precision: str = "fp32"  # fp32 | bf16 autocast over fp32 weights (the paper's; FastWeightLM.set_precision)
+    data: str | None = None  # mid: the corpus (absolute path; None = built-in); post trains on generated prompts
     refine: dict = field(default_factory=dict)  # RefineConfig overrides (c, k, n, reward, lambda_rl, ...)
     train_tasks: tuple = ("s_niah", "mk_niah", "qa")  # post: TRAINING-split tasks, mixed within each batch
     eval_tasks: tuple = ("s_niah", "qa")  # post: the quick before/after score (EVAL split, greedy)
@@ -81,21 +83,20 @@ def defaults(regime: str) -> RegimeConfig:
     raise ValueError(f"unknown regime {regime!r}; choose mid or post")
 
 
+# the flags that set a RegimeConfig field of the same name, and those that set a RefineConfig override
+RUN_FLAGS = ("max_steps", "batch_size", "seq_len", "lr", "seed", "grad_checkpoint", "checkpoint_segment", "precision",
+             "data", "objective")
 REFINE_FLAGS = ("c", "k", "n", "selection", "reward", "schedule", "minibatches", "lambda_rl", "lambda_ntp")
 
 
 def resolve_config(args) -> RegimeConfig:
     """Regime defaults, then every CLI flag that was given. Raises ValueError on a bad combination."""
     cfg = defaults(args.regime)
-    objective = getattr(args, "objective", None) or "refine"
-    if objective not in OBJECTIVES[args.regime]:
-        raise ValueError(f"--objective {objective!r} is not available for --regime {args.regime}; "
+    configure(cfg, given_flags(args, RUN_FLAGS))  # --objective too (RegimeConfig's default: refine)
+    if cfg.objective not in OBJECTIVES[args.regime]:
+        raise ValueError(f"--objective {cfg.objective!r} is not available for --regime {args.regime}; "
                          f"choose one of {', '.join(OBJECTIVES[args.regime])}")
-    cfg.objective, cfg.seed = objective, args.seed
-    for name in ("max_steps", "batch_size", "seq_len", "lr", "grad_checkpoint", "checkpoint_segment", "precision"):
-        if getattr(args, name, None) is not None:
-            setattr(cfg, name, getattr(args, name))
-    cfg.refine.update({name: getattr(args, name) for name in REFINE_FLAGS if getattr(args, name, None) is not None})
+    cfg.refine.update(given_flags(args, REFINE_FLAGS))
     return cfg
 
 
@@ -169,6 +170,11 @@ class Run:
         resume = getattr(args, "resume", False) and (out / "ckpt.pt").exists()
         ckpt = load_checkpoint(out if resume else base_checkpoint(args, device), expect_mixer=args.model,
                                for_resume=resume, vocab=tokenizer.vocab_size())
+        if resume:  # the run's own settings; a flag given again must restate them (resume.py)
+            configure(cfg, given_flags(args, RUN_FLAGS), saved_config(ckpt, cfg.regime, out))
+            saved_refine = asdict(refine_config(dict(cfg.refine)))
+            for name, value in given_flags(args, REFINE_FLAGS).items():
+                require_same(name, value, saved_refine[name])
         cfg.seq_len = cfg.seq_len or checkpoint_seq_len(ckpt)
         self.model = model_from_checkpoint(ckpt, device).train()
         apply_compute_settings(self.model, cfg)  # ValueError for a bad segment or precision
@@ -238,7 +244,7 @@ def run_mid(args, cfg: RegimeConfig, out: Path, device) -> dict:
     from refine_mini.data import make_corpus
     run = Run(args, cfg, out, device)
     # user documents of >= T tokens, each truncated to its first T (method.md §3, §9), never packed together
-    corpus = make_corpus(getattr(args, "data", None), cfg.seq_len, seed=cfg.seed, mode="filter")
+    corpus = make_corpus(cfg.data, cfg.seq_len, seed=cfg.seed, mode="filter")
     run.start()  # only now, with every input checked, is anything in `out` written
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.val_batches]]  # fixed val-split rows
     if not val:

@@ -6,7 +6,8 @@ downloaded? (method.md §9: "a tiny DeltaNet pre-trained briefly with NTP on a s
 The loop is the classic one: AdamW, linear warm-up then cosine decay, gradient-norm clipping, a validation loss,
 one JSONL metrics line per step, atomic checkpoints. Two properties are load-bearing:
 - Resume is exact on CPU: the batch of step s is drawn from a generator seeded by (seed, s), and the checkpoint
-  holds model, optimizer, step and RNG states, so a killed-and-resumed run ends with the same weights.
+  holds model, optimizer, step and RNG states and the run's settings (resume.py), so a killed-and-resumed run ends
+  with the same weights.
 - A NaN/inf loss stops the run with a message *before* anything is saved, so the last good checkpoint survives.
 
 Deviation: answer-weighted NTP. The built-in corpus asks questions about facts stated earlier (data.py), and the
@@ -20,7 +21,7 @@ the metrics log both the weighted training loss (`loss`) and the plain one (`ntp
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoi
                                 set_rng_state, trim_log)
 from refine_mini.head_loss import IGNORE, default_block_rows
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
+from refine_mini.resume import configure, saved_config
 from refine_mini.tokenizer import encode
 
 ANSWER_CUE = encode("Answer:")  # token ids of the cue before every answer (textgen.py), after a newline
@@ -58,6 +60,7 @@ class TrainConfig:
     checkpoint_segment: int = 0  # ... on pieces of this many tokens (0: whole sequences)
     precision: str = "fp32"  # fp32 | bf16 (autocast over fp32 weights, FastWeightLM.set_precision)
     answer_weight: float = 100.0  # loss weight of answer tokens relative to the rest (module docstring); 1 = NTP
+    data: str | None = None  # the corpus file or folder (absolute path); None = the built-in one (data.make_corpus)
 
 
 def apply_compute_settings(model, cfg) -> None:
@@ -229,6 +232,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     start = 0
     if resume and (out / "ckpt.pt").exists():
         ckpt = load_checkpoint(out, expect_mixer=model_cfg.mixer, for_resume=True)
+        configure(replace(cfg), asdict(cfg), saved_config(ckpt, "pretrain", out))  # ValueError: not this run's cfg
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])

@@ -1,5 +1,5 @@
 """Contracts of the entry scripts and the bench helpers (train.py, tta.py, bench/measure.py, bench/baselines.py):
-every train.py flag reaches the pre-training config and corpus, --compile auto/on/off, --resume, the malloc setting
+every train.py flag reaches the pre-training config and corpus, --compile auto/on/off, the malloc setting
 on CPU only, the sizes and rates each CLI refuses; tta.py's defaults, the flags that reach run_method, scoring after
 the adaptation, its per-batch rollout streams, the returned dict and the printed table; measure.py's medians,
 interleaving, warm-ups, CUDA syncs, alternating blocks and the oneDNN FLOP count; and the baselines' default scale
@@ -61,16 +61,6 @@ def test_compile_auto_is_on_for_cuda_only_and_malloc_is_tuned_for_cpu_only(devic
     train.main(["--model", "deltanet", "--out", str(tmp_path), "--compile", flag])
     assert pretrain_calls[-1][2].compile is compiled and pretrain_calls[-1][3] == device
     assert (("malloc",) in pretrain_calls) == (device == "cpu")
-
-
-def test_resume_continues_the_run_and_overwrite_starts_afresh(tmp_path, pretrain_calls):
-    """--resume hands resume=True to pretrain (which then loads ckpt.pt); --overwrite starts from scratch."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "ckpt.pt").write_bytes(b"")
-    for flag, resume in (("--resume", True), ("--overwrite", False)):
-        train.main(["--model", "deltanet", "--out", str(out), "--device", "cpu", flag])
-        assert pretrain_calls[-1][4] is resume
 
 
 @pytest.mark.parametrize("argv, message", [

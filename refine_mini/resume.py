@@ -1,0 +1,60 @@
+"""Which settings a run uses, fresh or resumed (train.py; not a step of the paper: run plumbing).
+
+Question answered: `train.py --resume` continues a killed run. With which config?
+
+With the one the run was started with, saved in its checkpoint (`train_config`). A resumed run must end with the
+weights the uninterrupted run would have, so it cannot silently pick up today's defaults or forget a flag that is
+not given again: before this module, a bf16 run resumed without `--precision bf16` went on in fp32, and a run on
+`--data my.txt` went on with the built-in corpus. So:
+- a flag not given again keeps its saved value;
+- a flag given again that would change what the run computes (the data, --seq-len, --batch-size, --lr, --seed,
+  --precision, --objective, REFINE's --c, --k, --reward, ...) must restate the saved value: a different one is
+  refused with a one-line error naming both;
+- FREE settings change only when the run ends or how fast and in how much memory it gets there, never the numbers
+  it computes: --max-steps (a longer run; pre-training's cosine then stays at its floor), --compile, activation
+  checkpointing (--grad-checkpoint, --checkpoint-segment), and how often it validates or saves. A given one wins.
+A checkpoint saved before a field existed takes that field's default (e.g. fp32 precision). The device is not part
+of the config at all: a run saved on a GPU may resume on the CPU.
+"""
+from dataclasses import fields
+
+FREE = frozenset({"max_steps", "compile", "grad_checkpoint", "checkpoint_segment", "ckpt_every", "eval_every",
+                  "val_every"})
+
+
+def given_flags(args, names) -> dict:
+    """{name: value} of the flags in `names` that were given on the command line: argparse leaves the others None
+    (store_true flags False, which here means "not given", since none of them can be turned off)."""
+    values = {name: getattr(args, name, None) for name in names}
+    return {name: value for name, value in values.items() if value is not None and value is not False}
+
+
+def configure(cfg, given: dict, saved: dict | None = None) -> None:
+    """Set a run config (a dataclass: TrainConfig, RegimeConfig) in place from the flags `given` (given_flags) and,
+    for a resumed run, the `saved` train_config of its checkpoint. A fresh run (saved None) takes every given flag
+    over cfg's defaults; a resumed one takes the saved values, then the given FREE flags, and a given flag of any
+    other field must restate its saved value (ValueError otherwise). Saved fields cfg does not have are ignored."""
+    names = {f.name for f in fields(cfg)}
+    for name, value in (saved or {}).items():
+        if name in names:
+            setattr(cfg, name, value)
+    for name, value in given.items():
+        if saved is None or name in FREE:
+            setattr(cfg, name, value)
+        else:
+            require_same(name, value, getattr(cfg, name))
+
+
+def require_same(name: str, given, saved) -> None:
+    """ValueError unless a flag given to a resumed run restates the value the run was started with."""
+    if given != saved:
+        raise ValueError(f"--{name.replace('_', '-')} {given} differs from the {saved} this run was started with; "
+                         f"a resumed run keeps its settings (start a new --out, or --overwrite, to change them)")
+
+
+def saved_config(ckpt: dict, regime: str, out) -> dict:
+    """A checkpoint's saved train_config ({} when it has none), once its run is known to be of `regime`."""
+    if ckpt.get("regime", regime) != regime:
+        raise ValueError(f"--regime {regime}: {out} holds a {ckpt['regime']} run; --resume continues a run in its own "
+                         f"regime")
+    return dict(ckpt.get("train_config") or {})
