@@ -168,8 +168,8 @@ class Run:
     def __init__(self, args, cfg: RegimeConfig, out: Path, device):
         self.cfg, self.out, self.device = cfg, out, device
         resume = getattr(args, "resume", False) and (out / "ckpt.pt").exists()
-        ckpt = load_checkpoint(out if resume else base_checkpoint(args, device), expect_mixer=args.model,
-                               for_resume=resume, vocab=tokenizer.vocab_size())
+        start = out if resume else base_checkpoint(args, device)
+        ckpt = load_checkpoint(start, expect_mixer=args.model, for_resume=resume, vocab=tokenizer.vocab_size())
         if resume:  # the run's own settings; a flag given again must restate them (resume.py)
             configure(cfg, given_flags(args, RUN_FLAGS), saved_config(ckpt, cfg.regime, out))
             saved_refine = asdict(refine_config(dict(cfg.refine)))
@@ -188,16 +188,18 @@ class Run:
             set_rng_state(ckpt["rng"])
             self.step, self.opt_steps, self.extra = ckpt["step"], ckpt.get("opt_steps", 0), ckpt.get("extra", {})
             print(f"resuming {out} at step {self.step} ({self.opt_steps} optimizer steps)")
+        else:
+            self.extra["init"] = str(Path(start).resolve())  # the base checkpoint, kept through every resume
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr  # constant schedule (method.md §2), also after loading a pre-training optimizer
-        self.resume, self.init, self.log = resume, getattr(args, "init", None) or f"runs/{args.model}-pretrain", None
+        self.resume, self.log = resume, None
 
     def start(self) -> None:
         """Write config.json and open metrics.jsonl: called once the caller has checked its own inputs too, so a
         run that fails on bad input leaves an existing run folder as it was."""
         cfg, resume, out = self.cfg, self.resume, self.out
         resolved = {"regime": cfg.regime, "model": asdict(self.model.cfg), "run": asdict(cfg),
-                    "refine": asdict(self.rcfg), "init": None if resume else str(self.init),
+                    "refine": asdict(self.rcfg), "init": self.extra.get("init"),
                     "refine_steps_per_batch": steps_per_batch(self.rcfg, cfg.batch_size)}
         print("config: " + json.dumps(resolved))
         (out / "config.json").write_text(json.dumps(resolved, indent=2))

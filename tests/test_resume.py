@@ -4,6 +4,7 @@ pre-training CLI, the library's pretrain() and the regimes all honour it, and a 
 flags, resumed with `--resume` alone, ends with the uninterrupted run's weights."""
 import argparse
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -135,7 +136,8 @@ def test_a_bf16_mid_run_resumed_with_resume_alone_ends_with_the_uninterrupted_we
                                                                                         ckpt_every_2, monkeypatch):
     """Started with --precision bf16, --seed 3, --lr, --c 1 --k 2 --reward hybrid, killed in batch 4, resumed with
     only --resume (and --init, --out): the run goes on with every saved setting and ends bit-identical to the
-    uninterrupted one. Restating a REFINE flag with another value is refused."""
+    uninterrupted one, and its config.json still names the base it started from. Restating a REFINE flag with another
+    value is refused."""
     first = ["--model", "deltanet", "--regime", "mid", "--init", str(tiny_ckpt), "--seq-len", str(LENGTH),
              "--max-steps", "4", "--precision", "bf16", "--seed", "3", "--lr", "0.001", "--c", "1", "--k", "2",
              "--reward", "hybrid"]
@@ -157,6 +159,7 @@ def test_a_bf16_mid_run_resumed_with_resume_alone_ends_with_the_uninterrupted_we
     train.main(["--model", "deltanet", "--regime", "mid", "--out", str(tmp_path / "killed"), "--resume"])
     full, killed = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "killed")
     assert killed["step"] == full["step"] == 4
+    assert json.loads((tmp_path / "killed" / "config.json").read_text())["init"] == str(tiny_ckpt.resolve())
     assert (killed["train_config"]["precision"], killed["train_config"]["seed"]) == ("bf16", 3)
     assert {k: killed["train_config"]["refine"][k] for k in ("c", "k", "reward")} == {"c": 1, "k": 2,
                                                                                      "reward": "hybrid"}
