@@ -144,6 +144,21 @@ def ckpt_every_2(small_defaults, monkeypatch):  # noqa: F811
     monkeypatch.setattr(regimes, "defaults", every_2)
 
 
+def killed_in_batch(batch: int, run, monkeypatch) -> None:
+    """Call run() with regimes.inner_update dying (Killed) in its batch-th call; the real one is back afterwards."""
+    real, calls = regimes.inner_update, []
+
+    def dies(*a):
+        calls.append(1)
+        if len(calls) == batch:
+            raise Killed
+        return real(*a)
+    monkeypatch.setattr(regimes, "inner_update", dies)
+    with pytest.raises(Killed):
+        run()
+    monkeypatch.setattr(regimes, "inner_update", real)
+
+
 def test_a_killed_mid_run_resumes_exactly(tmp_path, tiny_ckpt, ckpt_every_2, monkeypatch):  # noqa: F811
     """Checkpoint every ckpt_every batches; a run killed in batch 4 (checkpoint at batch 2, batch 3 already logged)
     resumes with --resume to the uninterrupted run's weights, drops batch 3's stale lines, and keeps counting
@@ -153,18 +168,8 @@ def test_a_killed_mid_run_resumes_exactly(tmp_path, tiny_ckpt, ckpt_every_2, mon
                                 str(tiny_ckpt), "--out", str(out), "--seq-len", str(LENGTH), "--max-steps", "4",
                                 *extra]
     train.main(args(tmp_path / "full"))
-    real, calls = regimes.inner_update, []
-
-    def dies_in_batch_4(*a):
-        calls.append(1)
-        if len(calls) == 4:
-            raise Killed
-        return real(*a)
-    monkeypatch.setattr(regimes, "inner_update", dies_in_batch_4)
-    with pytest.raises(Killed):
-        train.main(args(tmp_path / "killed"))
+    killed_in_batch(4, lambda: train.main(args(tmp_path / "killed")), monkeypatch)
     assert load_checkpoint(tmp_path / "killed")["step"] == 2
-    monkeypatch.setattr(regimes, "inner_update", real)
     train.main(args(tmp_path / "killed", "--resume"))
     expected = [(1, 1), (1, 2), (2, 3), (2, 4), (3, 5), (3, 6), (4, 7), (4, 8)]  # 2 REFINE mini-batch steps a batch
     for run in ("full", "killed"):

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import train
-from refine_mini import regimes
 from refine_mini.common import load_checkpoint, save_checkpoint
 from refine_mini.resume import FREE, configure, given_flags, saved_config
 from refine_mini.trainer import TrainConfig, pretrain
 from tests.test_cli_contracts import pretrain_calls  # noqa: F401 (a fixture)
-from tests.test_regime_contracts import ckpt_every_2  # noqa: F401 (a fixture)
+from tests.test_regime_contracts import ckpt_every_2, killed_in_batch  # noqa: F401 (a fixture)
 from tests.test_regimes import LENGTH, small_defaults, tiny_ckpt  # noqa: F401 (fixtures)
-from tests.test_train import Killed, RandomCorpus, short_run, tiny_cfg
+from tests.test_train import RandomCorpus, short_run, tiny_cfg
 
 
 # ---- resume.py ----------------------------------------------------------------------------------------------------
@@ -142,17 +141,7 @@ def test_a_bf16_mid_run_resumed_with_resume_alone_ends_with_the_uninterrupted_we
              "--max-steps", "4", "--precision", "bf16", "--seed", "3", "--lr", "0.001", "--c", "1", "--k", "2",
              "--reward", "hybrid"]
     train.main([*first, "--out", str(tmp_path / "full")])
-    real, calls = regimes.inner_update, []
-
-    def dies_in_batch_4(*a):
-        calls.append(1)
-        if len(calls) == 4:
-            raise Killed
-        return real(*a)
-    monkeypatch.setattr(regimes, "inner_update", dies_in_batch_4)
-    with pytest.raises(Killed):
-        train.main([*first, "--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(regimes, "inner_update", real)
+    killed_in_batch(4, lambda: train.main([*first, "--out", str(tmp_path / "killed")]), monkeypatch)
     with pytest.raises(SystemExit):
         train.main(["--model", "deltanet", "--regime", "mid", "--out", str(tmp_path / "killed"), "--resume",
                     "--k", "3"])
