@@ -10,9 +10,10 @@ not given again: before this module, a bf16 run resumed without `--precision bf1
 - a flag given again that would change what the run computes (the data, --seq-len, --batch-size, --lr, --seed,
   --precision, --objective, REFINE's --c, --k, --reward, ...) must restate the saved value: a different one is
   refused with a one-line error naming both;
-- FREE settings change only when the run ends or how fast and in how much memory it gets there, never the numbers
-  it computes: --max-steps (a longer run; pre-training's cosine then stays at its floor), --compile, activation
-  checkpointing (--grad-checkpoint, --checkpoint-segment), and how often it validates or saves. A given one wins.
+- FREE settings change only when the run ends or how fast and in how much memory it gets there, not what it
+  computes (checkpointing in pieces and compiling change it at rounding level): --max-steps (a longer run;
+  pre-training's cosine then stays at its floor), --compile, activation checkpointing (--grad-checkpoint,
+  --checkpoint-segment), and how often it validates or saves. A given one wins.
 A checkpoint saved before a field existed takes that field's default (e.g. fp32 precision). The device is not part
 of the config at all: a run saved on a GPU may resume on the CPU.
 """
