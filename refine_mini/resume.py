@@ -3,9 +3,8 @@
 Question answered: `train.py --resume` continues a killed run. With which config?
 
 With the one the run was started with, saved in its checkpoint (`train_config`). A resumed run must end with the
-weights the uninterrupted run would have, so it cannot silently pick up today's defaults or forget a flag that is
-not given again: before this module, a bf16 run resumed without `--precision bf16` went on in fp32, and a run on
-`--data my.txt` went on with the built-in corpus. So:
+weights the uninterrupted run would have, so it must not pick up the defaults for the flags not given again (a
+bf16 run resumed without `--precision bf16` would go on in fp32, a run on `--data my.txt` on the built-in corpus):
 - a flag not given again keeps its saved value;
 - a flag given again that would change what the run computes (the data, --seq-len, --batch-size, --lr, --seed,
   --precision, --objective, REFINE's --c, --k, --reward, ...) must restate the saved value: a different one is
@@ -15,7 +14,7 @@ not given again: before this module, a bf16 run resumed without `--precision bf1
   pre-training's cosine then stays at its floor), --compile, activation checkpointing (--grad-checkpoint,
   --checkpoint-segment), and how often it validates or saves. A given one wins.
 A checkpoint saved before a field existed takes that field's default (e.g. fp32 precision). The device is not part
-of the config at all: a run saved on a GPU may resume on the CPU.
+of the config: a checkpoint is loaded onto the CPU first and holds no CUDA RNG state, so --device may change.
 """
 from dataclasses import fields
 
