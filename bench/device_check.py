@@ -14,7 +14,7 @@ comparison against a reference with a printed error, PASS/FAIL per line, exit st
   6. bf16 autocast (--precision bf16): the fused head loss equals the full-logits path under it; per mixer the logits
      stay within 5e-2 of fp32 with fp32 states, and a bf16 REFINE step's NTP loss within 2 % of the fp32 step's;
   7. with --cli: the scripts end to end on the device (tiny pre-training, also compiled in bf16, mid, post, TTT,
-     eval_niah) in a scratch folder, each exiting cleanly.
+     eval_niah) in a scratch folder, each exiting cleanly; the bf16 run resumed on the CPU keeps its precision.
 
     python bench/device_check.py                     # CUDA, checks 1-5 (a minute, most of it compiling)
     python bench/device_check.py --cli               # plus the end-to-end scripts
@@ -23,6 +23,7 @@ comparison against a reference with a printed error, PASS/FAIL per line, exit st
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from dataclasses import asdict
@@ -181,7 +182,7 @@ def check_checkpoint(device, folder: Path):
 
 
 def check_cli(device, folder: Path):
-    """The scripts end to end on the device, tiny sizes; each must return normally."""
+    """The scripts end to end on the device, tiny sizes; each must return normally (and not False)."""
     import eval_niah
     import train
     import tta
@@ -194,6 +195,10 @@ def check_cli(device, folder: Path):
             ("pretrain --precision bf16 (compiled on CUDA)", lambda: train.main([
                 "--model", "deltanet", "--regime", "pretrain", "--out", str(folder / "pre-bf16"), "--max-steps", "3",
                 "--precision", "bf16", *base])),
+            ("pretrain --resume of that bf16 run on the CPU, keeping its precision", lambda: train.main([
+                "--model", "deltanet", "--regime", "pretrain", "--out", str(folder / "pre-bf16"), "--resume",
+                "--max-steps", "4", "--device", "cpu"])["step"] == 4 and json.loads(
+                    (folder / "pre-bf16" / "config.json").read_text())["train"]["precision"] == "bf16"),
             ("mid", lambda: train.main(["--model", "deltanet", "--regime", "mid", "--init", str(folder / "pre"),
                                         "--out", str(folder / "mid"), "--max-steps", "2", *base])),
             ("post", lambda: train.main(["--model", "deltanet", "--regime", "post", "--init", str(folder / "pre"),
@@ -203,8 +208,7 @@ def check_cli(device, folder: Path):
                                                   str(folder / "eval.json"), *base]))]
     for name, run in runs:
         try:
-            run()
-            ok = True
+            ok = run() is not False
         except SystemExit as e:  # the scripts' one-line errors
             ok = e.code == 0
         yield f"cli: {name} on {device}", ok, None
