@@ -94,6 +94,7 @@ def test_resume_alone_continues_with_the_saved_settings_and_data(saved_pretrain_
     assert pretrain_calls[-1][2] == dataclasses.replace(saved, max_steps=90, grad_checkpoint=True)
     train.main(["--model", "deltanet", "--out", str(out), "--device", "cpu", "--overwrite"])  # a fresh run
     assert pretrain_calls[-1][2] == TrainConfig(max_steps=train.PRETRAIN_STEPS["deltanet"])
+    assert pretrain_calls[-1][4] is False
 
 
 @pytest.mark.parametrize("argv, message", [
