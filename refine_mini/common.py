@@ -209,10 +209,9 @@ def base_checkpoint(args, device) -> Path:
         precision = getattr(args, "precision", None)  # passed on, as --grad-checkpoint is
         print(f"no --init and no base checkpoint at {base}/ckpt.pt: pre-training the base model first (as python "
               f"train.py --model {args.model} --regime pretrain{' --precision ' + precision if precision else ''})")
-        pre_args = argparse.Namespace(model=args.model, data=getattr(args, "data", None), seed=args.seed,
-                                      compile=getattr(args, "compile", "off"), max_steps=None, seq_len=None,
-                                      batch_size=None, lr=None, answer_weight=None, resume=False,
-                                      grad_checkpoint=getattr(args, "grad_checkpoint", False), precision=precision)
+        pre_args = argparse.Namespace(  # the pre-training flags not named here are not given (resume.given_flags)
+            model=args.model, data=getattr(args, "data", None), seed=args.seed, compile=getattr(args, "compile", "off"),
+            grad_checkpoint=getattr(args, "grad_checkpoint", False), precision=precision)
         base.mkdir(parents=True, exist_ok=True)
         train.run_pretrain(pre_args, base, torch.device(device))
     return base
