@@ -16,7 +16,8 @@ The printed table gives each method's score and its optimizer-step count (REFINE
 as in the paper; --sft-steps 2 matches them).
 
 Deviations: our synthetic eval-split tasks and lengths instead of RULER QA / LongBench at 4K-16K; a constant LR of
-1e-4 instead of 1e-6 (our ~2M-parameter models need a larger one; a tuned knob, --lr); AdamW (0.9, 0.999), wd 0.01.
+1e-4 instead of 1e-6 (our ~2M-parameter models need a larger one; a tuned knob, --lr); AdamW (0.9, 0.999), wd 0.01 on
+matrices only (verl decays every parameter; norm gains and 1-D vectors are exempt here).
 Bad input (missing or corrupted checkpoint, unknown task, bad sizes) prints one line and exits with status 2.
 """
 

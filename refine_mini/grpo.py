@@ -13,7 +13,9 @@ docs/grpo.md; token-mean is verl's default and the official setting.
 
 Deviation: a group whose rewards are all equal (including a group of size 1) gets advantage EXACTLY 0.
 verl gives such a singleton mean 0 and std 1, i.e. A = R (a baseline-free REINFORCE term), and an equal-reward
-group ~1e-10 rounding residue; we treat both as "no signal". They are counted in `frac_zero_std_groups`.
+group a rounding residue that the 1e-6 in the denominator does not make small: in fp32 the mean is off by an ulp and
+the std is ~1e-8, so |A| reaches 0.12 (8 equal copies of 2000 uniform rewards: 41 % of groups above 1e-3). We treat
+both as "no signal". They are counted in `frac_zero_std_groups`.
 """
 import torch
 

@@ -14,7 +14,7 @@ Deviations:
 - NoPE on the fast path (no RoPE on the fast q, k; the LaCT author notes NoPE also works).
 - Every complete chunk updates the fast weights, the last one included (see lact_ops.py): outputs equal the
   released code's, the returned state is the one streaming needs.
-- Newton-Schulz (use_muon) runs in fp32 on CPU (bf16 on CUDA).
+- Newton-Schulz (use_muon) runs in bf16 on CUDA and in at least fp32 on CPU (fp64 inputs stay fp64; lact_ops.py).
 - Slow linears start at N(0, 0.02), as DeltaNet's, not the released initializer_range 0.006.
 - `norm_eps` is accepted for parity with DeltaNet's constructor and unused: the block RMSNorms live in the
   model, and the TTT output norm uses the released eps 1e-5.

@@ -16,6 +16,7 @@ method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per 
 - post: see posttrain.py (REFINE on the prompt, then one answer-SFT step; baselines sft / nested-sft).
 
 Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant LR, no warm-up, grad-norm clip 1.0.
+Deviation: verl decays every parameter; we exempt norm gains and other 1-D vectors (the usual LM practice).
 Deviation: the paper's LR is 1e-6 (0.76-1.3B models); our ~2M-parameter models (peak LR 3e-3, cosine to 3e-4) would
 not move in tens of steps. Mid-training uses 1e-4 (1/3 of the last pre-training LR), post-training 3e-5 (--lr): it
 teaches no new format (half the pre-training documents are task prompts with answers), and larger LRs undo the base
