@@ -14,7 +14,7 @@ What runs:
 - With --tasks: exactly those tasks, each on the whole grid.
 - Lengths default to T/2, T, 2T (--full: T/4 .. 8T), T = the longest training seq_len among the runs (512 if none is
   stored); depths 0, .25, .5, .75, 1 (--full: 0, .1, .., 1); --samples per cell (default 4, --full 8); NIAH
-  haystack "noise" (--full: "noise" and "essay", RULER's niah_*_1 and niah_*_2 fillers).
+  haystack "noise" (--full: "noise" and "essay"; RULER uses the first in niah_single_1, essays in most others).
 - Cost: the quick grid of the default DeltaNet (d_model 128, 4 layers, T = 512) takes ~3 s on 2 CPU cores (5 s with
   start-up); 20 samples per cell on two haystacks, S-NIAH only, ~20 s.
 
@@ -123,7 +123,7 @@ def make_plan(args, runs) -> tuple[list[dict], dict]:
     lengths, depths = sorted(set(lengths)), sorted(set(depths))
     grid_tasks = list(dict.fromkeys(args.tasks or [GRID_TASK]))
     point_tasks = [] if args.tasks else [t for t in TASK_NAMES if t != GRID_TASK]
-    point_length = lengths[len(lengths) // 2]  # the middle length (the training length for the default grid)
+    point_length = lengths[len(lengths) // 2]  # the middle length (the training length T for the quick grid, T >= 256)
     try:
         check_grid(grid_tasks, lengths, depths, samples, args.haystack)
         check_grid(point_tasks, [point_length], [POINT_DEPTH], samples, args.haystack)

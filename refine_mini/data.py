@@ -15,14 +15,14 @@ The other half (documents of ≥ 256 tokens) are a train-split NIAH/QA task prom
      The grass is green. The special magic number for simple-apple is: 6942222. The sky is blue. The sun is yellow.
     Here we go. Born in Longford, James Fisher later became a farmer. Today James Fisher works at Quartz Steel.
     Question: What is the special magic number for simple-apple?
-    Answer: 6942222
+    Answer: The special magic number for simple-apple is: 6942222
      There and back again. The grass is green. The sky is blue. The sun is yellow. The special magic number for
     simple-mirror is: 3932883. The special magic number for huge-garden is: 4646298. Here we go. There and back
     again. The grass is green.
     Question: Where was James Fisher born?
     Answer: Longford
     Question: What is the special magic number for simple-mirror?
-    Answer: 3932883
+    Answer: The special magic number for simple-mirror is: 3932883
 Splits are structural (textgen.py): train documents draw keys, values and entities from the train partition, val
 documents from the val partition, and niah.py/qa.py evaluate on the eval partition, so no key, value or entity is
 ever shared, whatever the seeds. Training documents are generated on the fly (a fresh seed per row, drawn from the

@@ -17,8 +17,9 @@ tokens.
 
 Deviations from the paper's evaluation: a few samples per cell instead of 500 (RULER) / 200 (QA); contexts of
 hundreds to a few thousand tokens instead of 4K-16K; our own generators (niah.py, qa.py) instead of lm-eval-harness /
-NVIDIA RULER parquets; decoding stops at the first newline (also at EOS) instead of EOS only -- the score is the
-same because the text is cut at the first newline anyway.
+NVIDIA RULER parquets; NIAH outputs are cut at the first newline as QA's are (lm-eval scores NIAH on the whole
+128-token generation; niah.py gives the measured difference, 0-2.5 points); decoding therefore stops at the first
+newline (also at EOS), at most `max_new_tokens` (12 or 40) instead of 128.
 
 Memory: CUDA reports torch.cuda.max_memory_allocated per context length (reset before each length); CPU reports the
 process peak RSS (`resource.getrusage`, monotone over the whole process: weights, Python and torch included), so the
@@ -39,7 +40,7 @@ from refine_mini.state import ModelState
 from refine_mini.trainer import model_from_checkpoint
 
 TASK_NAMES = tuple(niah.TASKS)  # s_niah mk_niah mv_niah mq_niah qa qa_2hop
-HAYSTACKS = ("noise", "essay")  # NIAH filler: RULER's repeated sentences (niah_*_1) or prose (niah_*_2)
+HAYSTACKS = ("noise", "essay")  # NIAH filler: RULER's repeated sentences (niah_single_1) or prose (its other tasks)
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 Question answered: how do we *see* where a fast-weight memory loses the needle (method.md §6, RULER NIAH)?
 
-The heatmap is the usual NIAH picture: rows = context length (tokens), columns = needle depth (0 = the needle is
-the first thing in the haystack, 1 = right before the question), cells = recall in percent (rounded). On a
-terminal that supports it (stdout is a TTY, no --no-color, no NO_COLOR variable, https://no-color.org) each cell
-gets an ANSI 256-colour background on a red -> yellow -> green ramp; otherwise the same grid is plain text,
-which is also what the tests assert on. The PNG needs matplotlib, which is not a project dependency:
-`require_matplotlib()` says how to install it in one line.
+The heatmap is the usual NIAH picture: rows = context length (tokens), columns = needle depth (0 = the needle opens
+the haystack, after at most one sentence fragment; 1 = right before the question), cells = recall in percent
+(rounded). On a terminal that supports it (stdout is a TTY, no --no-color, no NO_COLOR variable,
+https://no-color.org) each cell gets an ANSI 256-colour background on a red -> yellow -> green ramp; otherwise the
+same grid is plain text, which is also what the tests assert on. The PNG needs matplotlib, which is not a project
+dependency: `require_matplotlib()` says how to install it in one line.
 
 Plain rendering of a 2 x 3 grid (what `render_heatmap(..., color=False)` returns):
 
@@ -20,6 +20,7 @@ Plain rendering of a 2 x 3 grid (what `render_heatmap(..., color=False)` returns
 A cell with no score (not evaluated) prints "-" and is left out of the row average.
 """
 
+import math
 import os
 import sys
 
@@ -44,13 +45,14 @@ def _paint(text: str, score: float | None, color: bool) -> str:
 
 
 def _pct(score: float | None) -> str:
-    return "-" if score is None else str(int(100 * score + 0.5))  # half up (12.5 -> 13), not Python's half to even
+    # half up (12.5 -> 13), not Python's half to even; rounded to 6 places first, so a binary 0.575 (23/40) gives 58
+    return "-" if score is None else str(math.floor(round(100 * score, 6) + 0.5))
 
 
 def render_heatmap(scores: dict, lengths: list[int], depths: list[float], title: str = "",
                    color: bool = False) -> str:
     """scores {(length, depth): recall in [0, 1]} -> a multi-line string (no trailing newline)."""
-    header = "  length |" + "".join(f"{100 * d:.0f}%".rjust(CELL) for d in depths) + " |   avg"
+    header = "  length |" + "".join(f"{_pct(d)}%".rjust(CELL) for d in depths) + " |   avg"
     lines = [title] if title else []
     lines += [header, "  " + "-" * 7 + "+" + "-" * (CELL * len(depths) + 1) + "+" + "-" * 6]
     for length in lengths:

@@ -23,13 +23,17 @@ draw (textgen.max_tokens), so one up-front check covers every prompt a run will 
 Tasks (RULER defaults num_needle_k/v/q = 4): s_niah 1 needle; mk_niah 4 keys, 1 asked; mv_niah 1 key with 4 values,
 all asked; mq_niah 4 keys, all asked. The first needle sits at the requested depth, the others at uniform random
 depths. Haystacks: "noise" (RULER's five repeated sentences) and "essay" (our generated prose instead of Paul Graham
-essays). Metric (RULER string_match_all): the output is cut at its first newline, and recall is the fraction of gold
-values that occur in it, case-insensitively.
-Deviations: our tokenizer, our shorter question/answer cue (see textgen.py), the needle "The special magic number for
-{key} is: {value}." (RULER: "One of the special magic numbers for {key} is: {value}."), keys "adj-noun" from our word
-lists, and keys/values partitioned by split (train/val/eval never share one; textgen.py explains the rule). RULER's
-MK/MV/MQ variants use essay haystacks; eval_niah.py's default grid runs every task on "noise" (`--haystack essay`
-or `--full` adds essays).
+essays). Metric (RULER string_match_all): recall is the fraction of gold values that occur in the output,
+case-insensitively.
+Deviations: the output is cut at its first newline (lm-eval matches the whole of a 128-token generation, so a model
+that goes on to list other values gets credit for them; ours must answer on the answer line, never more lenient: the
+seed-0 base at 512 and 1024 tokens, 40 prompts a cell, scores the same on S-NIAH and 0-2.5 points lower on
+MK/MV/MQ); the prompt itself is exactly `length` tokens (RULER: prompt + 128 generated tokens <= length); the asked
+key sits at the requested depth (RULER draws every needle's depth and asks a random key); our tokenizer, our shorter
+question/answer cue (see textgen.py), the needle "The special magic number for {key} is: {value}." (RULER: "One of
+the special magic numbers for {key} is: {value}."), keys "adj-noun" from our word lists, and keys/values partitioned
+by split (train/val/eval never share one; textgen.py explains the rule). RULER's MK/MV/MQ variants use essay
+haystacks; eval_niah.py's default grid runs every task on "noise" (`--haystack essay` or `--full` adds essays).
 """
 
 import functools
@@ -130,7 +134,8 @@ def make_niah_example(task: str, length: int, depth: float, rng: random.Random, 
 
 
 def score_niah(output: str, answers: list[str]) -> float:
-    """RULER recall: fraction of gold answers found (case-insensitive substring) in the output's first line."""
+    """RULER recall: fraction of gold answers found (case-insensitive substring) in the output's first line (the
+    cut is our deviation, see the module docstring)."""
     if not answers:
         raise ValueError("score_niah needs at least one gold answer")
     line = output.split("\n", 1)[0].lower()

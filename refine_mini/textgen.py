@@ -5,12 +5,15 @@ we guarantee that evaluation never sees a key, value or entity that pre-training
 
 Surface forms (method.md §6, RULER NIAH / RULER QA; the pre-training corpus uses exactly these strings):
     needle    " The special magic number for quiet-river is: 4821937."
-    question  "\\nQuestion: What is the special magic number for quiet-river?\\nAnswer:"   -> " 4821937\\n"
-    MV query  "... What are all the special magic numbers for quiet-river?"                -> " 4821937, 1200449\\n"
-    MQ query  "... What are the special magic numbers for quiet-river, old-ship and dry-key?" -> " v1, v2, v3\\n"
+    S/MK      "\\nQuestion: What is the special magic number for quiet-river?\\nAnswer: The special magic number for
+               quiet-river is:"                                                          -> " 4821937\\n"
+    MV        "\\nQuestion: What are all the special magic numbers for quiet-river?\\nAnswer: The special magic
+               numbers for quiet-river are:"                                             -> " 4821937, 1200449\\n"
+    MQ        "\\nQuestion: What are the special magic numbers for quiet-river, old-ship and dry-key?\\nAnswer:"
+                                                                                         -> " v1, v2, v3\\n"
 Deviation from RULER: RULER's question reads "What is the special magic number for X mentioned in the provided text?"
-and ends with a restated sentence instead of "Answer:"; we use one short "Question: ...\\nAnswer:" cue for every task
-(NIAH and QA) so that a tiny model learns a single retrieval pattern.
+and its answer prefix "The special magic number for X mentioned in the provided text is"; ours are shorter, and the
+S/MK/MV prefix restates the needle word for word (niah_question). MQ and QA end on a bare "Answer:".
 
 Split disjointness is structural, not seed luck. Each split has a code (train 0, val 1, eval 2) and every generated
 item satisfies a rule that ties it to exactly one code:
@@ -76,7 +79,8 @@ _P_ACT = "walk slowly|sing songs|tell stories|rest for a while|talk about the we
 
 @dataclass
 class Example:
-    """One task instance. `prompt_ids` has exactly `length` tokens and ends with the answer cue "Answer:";
+    """One task instance. `prompt_ids` has exactly `length` tokens and ends with the answer cue ("Answer:", for
+    S/MK/MV followed by the restated needle, "... is:" / "... are:");
     `target` is the gold continuation (" v1, v2\n"), used for answer-SFT in post-training."""
     prompt_ids: list[int]
     answers: list[str]  # gold strings; NIAH recall counts each, QA needs any one

@@ -119,6 +119,9 @@ def test_bad_input_is_a_one_line_error_with_status_2_and_keeps_old_results(tmp_p
 def test_heatmap_plain_text_grid_for_a_hand_made_score_table():
     """Rows are lengths, columns depths, cells recall %, a missing cell is '-', the row average skips it."""
     assert render_table(["t"], ["r"], {("t", "r"): 0.125}).splitlines()[-1].split()[-1] == "13"  # half up
+    for recall, shown in ((23 / 40, "58"), (0.285, "29"), (0.125 - 1e-4, "12")):  # 57.4999.. and 28.4999.. in binary
+        assert render_table(["t"], ["r"], {("t", "r"): recall}).splitlines()[-1].split()[-1] == shown
+    assert render_heatmap({(1, 0.125): 1.0}, [1], [0.125]).splitlines()[0].split()[2] == "13%"  # the depth header too
     scores = {(256, 0.0): 1.0, (256, 0.5): 0.5, (256, 1.0): 0.0, (512, 0.0): 0.25, (512, 1.0): 0.75}
     text = render_heatmap(scores, [256, 512], [0.0, 0.5, 1.0], title="run-a  s_niah", color=False)
     assert text.splitlines() == [
