@@ -30,17 +30,16 @@ missing / corrupted checkpoint, a run folder without ckpt.pt) is a one-line erro
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from refine_mini.common import PRECISIONS, CheckpointError, fail, keep_freed_memory, pick_device, run_dir, set_seed
+from refine_mini.common import (PRECISIONS, CheckpointError, fail, is_out_of_memory, keep_freed_memory, pick_device,
+                                run_dir, set_seed, write_atomic)
 from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
                                   load_run, peak_memory, reset_peak_memory)
 from refine_mini.heatmap import render_heatmap, render_table, require_matplotlib, save_png, use_color
@@ -213,22 +212,17 @@ def check_writable(path: Path) -> None:
     """The results file can be written where asked (one-line error and exit 2 otherwise)."""
     if path.is_dir():
         fail(f"--out {path} is a folder; give a file name such as {path / 'eval_niah.json'}")
+    if path.is_file():  # overwrite an earlier results file, never anything else (a checkpoint, say)
+        try:
+            ours = isinstance(json.loads(path.read_text()), dict)
+        except ValueError:  # not JSON, or not text (UnicodeDecodeError)
+            ours = False
+        if not ours:
+            fail(f"--out {path} exists and is not a JSON results file; refusing to overwrite it")
     try:
         run_dir(path.parent)  # creates the folder and tries a write
     except ValueError as e:
         fail(f"--out {path}: {e}")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> dict:
@@ -249,10 +243,13 @@ def main(argv=None) -> dict:
         if args.threads < 1:
             fail(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    runs = resolve_runs(args, device)
-    out = Path(args.out) if args.out else default_out(runs, args.runs)
-    check_writable(out)  # before minutes of evaluation, not after
-    plan, grid = make_plan(args, runs)
+    try:
+        runs = resolve_runs(args, device)
+        out = Path(args.out) if args.out else default_out(runs, args.runs)
+        check_writable(out)  # before minutes of evaluation, not after
+        plan, grid = make_plan(args, runs)
+    except KeyboardInterrupt:  # loading many runs can take a while
+        fail("interrupted; nothing was written", code=130)
     print(f"evaluating {len(runs)} run(s) on {device}: {', '.join(grid['grid_tasks'])} at lengths {grid['lengths']} "
           f"x depths {grid['depths']}" + (f"; {', '.join(grid['point_tasks'])} at {grid['point'][0]} tokens, "
                                           f"depth {POINT_DEPTH}" if grid["point_tasks"] else "")
@@ -266,6 +263,10 @@ def main(argv=None) -> dict:
             records.append(record)
     except (ValueError, FloatingPointError) as e:  # a prompt that cannot be built; a model whose logits are NaN
         fail(str(e))
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        fail(f"out of memory ({' '.join(str(e).split())[:120]}); try a smaller --batch or --prefill-tokens")
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", code=130)
     meta = {"seed": args.seed, "device": str(device), "precision": args.precision, "torch": torch.__version__,
@@ -276,7 +277,7 @@ def main(argv=None) -> dict:
             "protocol": "method.md §6, scaled down (see refine_mini/evaluate.py)"}
     results = {"meta": meta, "grid": grid, "runs": records, "cells": cells}
     report(results, use_color(args.no_color))
-    write_json_atomic(out, results)
+    write_atomic(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
     print(f"\nresults: {out}  ({len(cells)} cells, {results['meta']['seconds']} s)")
     if args.plot:
         labels = list(dict.fromkeys(c["label"] for c in cells if c["task"] in grid["grid_tasks"]))

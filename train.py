@@ -9,12 +9,11 @@ step) and ckpt.pt (atomic). Bad input exits with status 2 and a one-line message
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from refine_mini.common import (PRECISIONS, CheckpointError, fail, keep_freed_memory, load_checkpoint, pick_device,
-                                run_dir, set_seed)
+from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, fail, is_out_of_memory, keep_freed_memory,
+                                load_checkpoint, pick_device, run_dir, set_seed)
 from refine_mini.model import ModelConfig
 from refine_mini.resume import configure, given_flags, saved_config
 from refine_mini.trainer import TrainConfig, pretrain
@@ -96,8 +95,8 @@ def check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name, low in (("lr", "> 0"), ("answer_weight", "> 0"), ("lambda_rl", ">= 0")):
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
-            raise ValueError(f"--{name.replace('_', '-')} must be finite and {low}, got {value}")
+        if value is not None and not (value < FP32_MAX and (value > 0 if low == "> 0" else value >= 0)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {low} and finite in float32, got {value}")
     if args.regime == "pretrain":
         given = [name for name in REFINE_ONLY if getattr(args, name) is not None]
         if given:
@@ -129,9 +128,21 @@ def main(argv=None) -> dict:
     except (ValueError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except OSError as e:  # a disk that fills up, a folder that vanishes: the atomic save kept the last checkpoint
-        fail(f"{e.strerror or e}: {e.filename or out}; the last checkpoint in {out} is kept")
+        fail(f"{e.strerror or e}: {e.filename or out}; {kept(out)}")
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        fail(f"out of memory ({' '.join(str(e).split())[:120]}); try a smaller --batch-size or --seq-len; {kept(out)}")
     except KeyboardInterrupt:
-        fail(f"interrupted; the last checkpoint in {out} is kept (--resume continues from it)", code=130)
+        fail(f"interrupted; {kept(out)}", code=130)
+
+
+def kept(out: Path) -> str:
+    """What a run stopped by an error or Ctrl-C leaves behind in `out` (an interrupted base pre-training is a run
+    of its own, under runs/: its folder is named when it is the one stopped, see common.base_checkpoint)."""
+    if (out / "ckpt.pt").is_file():
+        return f"the last checkpoint in {out} is kept (--resume continues from it)"
+    return f"no checkpoint was saved in {out} yet (run again without --resume)"
 
 
 def run_pretrain(args, out: Path, device) -> dict:

@@ -22,15 +22,14 @@ Bad input (missing or corrupted checkpoint, unknown task, bad sizes) prints one 
 """
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from refine_mini import tokenizer
-from refine_mini.common import (PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory,
-                                load_checkpoint, pick_device, set_seed)
+from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, checkpoint_seq_len, fail, is_out_of_memory,
+                                keep_freed_memory, load_checkpoint, pick_device, set_seed)
 from refine_mini.niah import TASKS, make_task_examples
 from refine_mini.posttrain import score_examples
 from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
@@ -124,8 +123,8 @@ def main(argv=None) -> dict:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if args.samples % args.batch_size:  # whole batches only, as the official loader (drop_last=True)
             raise ValueError(f"--samples ({args.samples}) must be a multiple of --batch-size ({args.batch_size})")
-        if not (math.isfinite(args.lr) and args.lr > 0):
-            raise ValueError(f"--lr must be finite and > 0, got {args.lr}")
+        if not (0 < args.lr < FP32_MAX):
+            raise ValueError(f"--lr must be > 0 and finite in float32, got {args.lr}")
         if args.sft_steps > args.batch_size:
             raise ValueError(f"--sft-steps ({args.sft_steps}) cannot exceed --batch-size ({args.batch_size}): "
                              f"each step takes at least one prompt")
@@ -150,6 +149,10 @@ def main(argv=None) -> dict:
             print(f"  {method:<11} score {results[method]['score']:5.1f}   optimizer steps {steps}")
     except (ValueError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        fail(f"out of memory ({' '.join(str(e).split())[:120]}); try a smaller --batch-size or --length")
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", code=130)
     base = results["none"]["score"]

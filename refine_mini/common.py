@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
+FP32_MAX = torch.finfo(torch.float32).max  # the largest learning rate (or weight) AdamW can apply
 PRECISIONS = ("fp32", "bf16")  # fp32 throughout, or bf16 autocast over fp32 weights (method.md §2, "precision")
 
 
@@ -143,13 +144,19 @@ def _to_tuple(x):
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
-    """Write `payload` to `path` atomically: a reader sees either the old file or the complete new one."""
+    """Write `payload` to `path` atomically (write_atomic)."""
+    write_atomic(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
+
+
+def write_atomic(path: str | Path, write) -> None:
+    """`write(f)` fills a temp file (binary) in path's folder, which then replaces `path`: a reader sees either the
+    old file or the complete new one (checkpoints, eval_niah's results)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode any other new file gets
@@ -190,6 +197,9 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     missing = [key for key in (("optimizer", "step", "rng") if for_resume else ()) if key not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it holds no {', '.join(missing)}")
+    if for_resume and not (type(ckpt["step"]) is int and ckpt["step"] >= 0 and isinstance(ckpt["optimizer"], dict)
+                           and isinstance(ckpt["rng"], dict) and {"python", "torch", "numpy"} <= ckpt["rng"].keys()):
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: its step, optimizer or RNG states are malformed")
     mixer = ckpt["model_config"]["mixer"]
     if expect_mixer is not None and mixer != expect_mixer:
         raise CheckpointError(f"checkpoint {path} holds a {mixer} model, but --model {expect_mixer} was asked for")
@@ -265,6 +275,11 @@ class MetricLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A tensor that did not fit: CUDA raises torch.OutOfMemoryError, the CPU allocator a plain RuntimeError."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
 
 
 def fail(message: str, code: int = 2):

@@ -174,8 +174,8 @@ def _read_jsonl(path: Path) -> list[str]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: bad JSON line ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, a 4301-digit int, nesting deeper than the stack
+            raise ValueError(f"{path}:{lineno}: bad JSON line ({getattr(e, 'msg', type(e).__name__)})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with a string \"text\" field")
         docs.append(obj["text"].strip())

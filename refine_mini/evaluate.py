@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from refine_mini import niah, tokenizer
-from refine_mini.common import CheckpointError, load_checkpoint
+from refine_mini.common import CheckpointError, checkpoint_seq_len, load_checkpoint
 from refine_mini.state import ModelState
 from refine_mini.trainer import model_from_checkpoint
 
@@ -55,7 +55,7 @@ class Run:
 def find_runs(root: str | Path = "runs") -> list[Path]:
     """Every run folder under `root` (any depth) that holds a ckpt.pt, sorted by path."""
     root = Path(root)
-    return sorted(p.parent for p in root.rglob("ckpt.pt")) if root.is_dir() else []
+    return sorted(p.parent for p in root.rglob("ckpt.pt") if p.is_file()) if root.is_dir() else []
 
 
 def load_run(path: str | Path, device) -> Run:
@@ -72,7 +72,7 @@ def load_run(path: str | Path, device) -> Run:
     folder = path if path.is_dir() else path.parent
     name = folder.name if path.is_dir() or path.name == "ckpt.pt" else f"{folder.name}/{path.stem}"
     meta = {"mixer": ckpt["model_config"].get("mixer"), "regime": ckpt.get("regime"), "step": ckpt.get("step"),
-            "seq_len": (ckpt.get("train_config") or {}).get("seq_len"),
+            "seq_len": checkpoint_seq_len(ckpt) if (ckpt.get("train_config") or {}).get("seq_len") else None,
             "params": sum(p.numel() for p in model.parameters()),
             "model_config": ckpt["model_config"]}
     return Run(name, path, model, meta)

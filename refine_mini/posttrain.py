@@ -132,10 +132,15 @@ def format_scores(scores: dict) -> str:
 def run_post(args, cfg: RegimeConfig, out: Path, device) -> dict:
     from tqdm import tqdm
 
+    def check_lengths():  # fail now, not at some step
+        for split, tasks in (("train", cfg.train_tasks), ("eval", cfg.eval_tasks)):
+            for task in tasks:
+                niah.check_length(task, cfg.seq_len, split, name="--seq-len")
+
+    if cfg.seq_len:  # given: checked before Run, which may pre-train a base model first
+        check_lengths()
     run = Run(args, cfg, out, device)
-    for split, tasks in (("train", cfg.train_tasks), ("eval", cfg.eval_tasks)):  # fail now, not at some step
-        for task in tasks:
-            niah.check_length(task, cfg.seq_len, split, name="--seq-len")
+    check_lengths()  # the length Run settled on (the base's, when --seq-len was not given)
     run.start()  # only now, with every input checked, is anything in `out` written
     inner = {"refine": "refine", "nested-sft": "ntp", "sft": None}[cfg.objective]
     sft_steps = 1 if inner else steps_per_batch(run.rcfg, cfg.batch_size) + 1  # sft: REFINE's step count

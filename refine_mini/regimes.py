@@ -169,6 +169,9 @@ class Run:
     def __init__(self, args, cfg: RegimeConfig, out: Path, device):
         self.cfg, self.out, self.device = cfg, out, device
         resume = getattr(args, "resume", False) and (out / "ckpt.pt").exists()
+        early = refine_config(dict(cfg.refine))  # bad flags fail now, not after base_checkpoint pre-trains a base
+        if cfg.seq_len and cfg.objective == "refine":
+            early.check_length(cfg.seq_len)
         start = out if resume else base_checkpoint(args, device)
         ckpt = load_checkpoint(start, expect_mixer=args.model, for_resume=resume, vocab=tokenizer.vocab_size())
         if resume:  # the run's own settings; a flag given again must restate them (resume.py)
@@ -188,6 +191,10 @@ class Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             set_rng_state(ckpt["rng"])
             self.step, self.opt_steps, self.extra = ckpt["step"], ckpt.get("opt_steps", 0), ckpt.get("extra", {})
+            if getattr(args, "init", None):  # the base is part of the run: restated, or refused
+                require_same("init", str(Path(args.init).resolve()), self.extra.get("init"))
+            if cfg.max_steps < self.step:
+                raise ValueError(f"--max-steps {cfg.max_steps} is below step {self.step}, which {out} has reached")
             print(f"resuming {out} at step {self.step} ({self.opt_steps} optimizer steps)")
         else:
             self.extra["init"] = str(Path(start).resolve())  # the base checkpoint, kept through every resume
@@ -206,6 +213,8 @@ class Run:
         (out / "config.json").write_text(json.dumps(resolved, indent=2))
         if resume:
             trim_log(out / "metrics.jsonl", self.step)  # lines a killed run logged after its last checkpoint
+        else:  # a fresh run (--overwrite): never the old checkpoint beside the new config and log
+            (out / "ckpt.pt").unlink(missing_ok=True)
         self.log = MetricLog(out / "metrics.jsonl", append=resume)
 
     def record(self, phase: str, metrics: dict) -> None:

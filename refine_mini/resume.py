@@ -20,6 +20,7 @@ from dataclasses import fields
 
 FREE = frozenset({"max_steps", "compile", "grad_checkpoint", "checkpoint_segment", "ckpt_every", "eval_every",
                   "val_every"})
+ACCEPTS = {float: (float, int), tuple: (tuple, list)}  # saved types a field of each default type takes
 
 
 def given_flags(args, names) -> dict:
@@ -37,6 +38,10 @@ def configure(cfg, given: dict, saved: dict | None = None) -> None:
     names = {f.name for f in fields(cfg)}
     for name, value in (saved or {}).items():
         if name in names:
+            kind = type(getattr(cfg, name))  # NoneType for the optional fields (data): anything goes
+            if kind is not type(None) and not isinstance(value, ACCEPTS.get(kind, kind)):
+                raise ValueError(f"the checkpoint's saved {name} is {value!r} ({type(value).__name__}, not "
+                                 f"{kind.__name__}): it is corrupted or not of this code")
             setattr(cfg, name, value)
     for name, value in given.items():
         if saved is None or name in FREE:

@@ -190,7 +190,7 @@ def model_from_checkpoint(ckpt: dict, device) -> FastWeightLM:
     try:
         model = FastWeightLM(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # unknown config fields, shapes or keys that do not match
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as e:  # bad config fields or values, mismatched keys
         raise CheckpointError(f"the checkpoint's weights do not fit its model config "
                               f"({str(e).splitlines()[0][:120]})") from None
     if not weights_finite(ckpt["model"]):
@@ -234,11 +234,17 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
         ckpt = load_checkpoint(out, expect_mixer=model_cfg.mixer, for_resume=True)
         configure(replace(cfg), asdict(cfg), saved_config(ckpt, "pretrain", out))  # ValueError: not this run's cfg
         model.load_state_dict(ckpt["model"])
+        if not weights_finite(ckpt["model"]):
+            raise CheckpointError(f"checkpoint {out}/ckpt.pt holds non-finite (NaN or inf) weights")
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
+        if cfg.max_steps < start:
+            raise ValueError(f"--max-steps {cfg.max_steps} is below step {start}, which {out} has reached")
         trim_log(out / "metrics.jsonl", start)  # lines a killed run logged after its last checkpoint
         print(f"resuming {out} at step {start}")
+    else:  # a fresh run (--overwrite): the folder must never pair the old checkpoint with the new config and log
+        (out / "ckpt.pt").unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps({"regime": "pretrain", "model": asdict(model_cfg),
                                                   "train": asdict(cfg)}, indent=2))
     encode = torch.compile(model.encode) if cfg.compile else model.encode  # the head's loss runs blockwise, eager

@@ -66,7 +66,9 @@ def test_compile_auto_is_on_for_cuda_only_and_malloc_is_tuned_for_cpu_only(devic
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
-    (["--lr", "0"], "--lr must be finite and > 0, got 0.0"),
+    (["--lr", "0"], "--lr must be > 0 and finite in float32, got 0.0"),
+    (["--lr", "1e300"], "--lr must be > 0 and finite in float32, got 1e+300"),  # AdamW's step would overflow
+    (["--lr", "nan"], "--lr must be > 0 and finite in float32, got nan"),
     (["--c", "4"], "--c is a mid/post flag"),
     (["--regime", "mid", "--answer-weight", "5"], "--answer-weight is a pretrain flag"),
     (["--seed", "-1"], "--seed must be in [0, 2**32)"),
@@ -134,7 +136,8 @@ def test_tta_flags_reach_every_method_and_the_table_is_their_scores(tiny_ckpt, m
 
 
 @pytest.mark.parametrize("argv, message", [(["--length", "0"], "--length must be >= 1, got 0"),
-                                           (["--lr", "0"], "--lr must be finite and > 0, got 0.0")])
+                                           (["--lr", "0"], "--lr must be > 0 and finite in float32, got 0.0"),
+                                           (["--lr", "1e39"], "--lr must be > 0 and finite in float32, got 1e+39")])
 def test_tta_refuses_a_zero_length_or_rate(argv, message, tiny_ckpt, capsys):  # noqa: F811
     """--length 0 would silently fall back to the checkpoint's length (`args.length or ...`); an LR of 0 adapts
     nothing. Both are one-line errors."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from refine_mini.common import load_checkpoint, save_checkpoint
+from refine_mini.common import load_checkpoint, rng_state, save_checkpoint
 from refine_mini.resume import FREE, configure, given_flags, saved_config
 from refine_mini.trainer import TrainConfig, pretrain
 from tests.test_cli_contracts import pretrain_calls  # noqa: F401 (a fixture)
@@ -73,7 +73,7 @@ def saved_pretrain_run(tmp_path):
     cfg = TrainConfig(max_steps=40, seq_len=64, batch_size=3, lr=0.002, seed=7, precision="bf16",
                       data=str(tmp_path / "corpus.txt"), answer_weight=5.0)
     save_checkpoint(out / "ckpt.pt", {"model": {}, "model_config": {"mixer": "deltanet"}, "optimizer": {},
-                                      "step": 20, "rng": {}, "regime": "pretrain",
+                                      "step": 20, "rng": rng_state(), "regime": "pretrain",
                                       "train_config": dataclasses.asdict(cfg)})
     return out, cfg
 

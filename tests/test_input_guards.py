@@ -1,0 +1,180 @@
+"""Bad inputs found by probing the scripts from outside: an --overwrite stopped before its first save, an --out that
+names a checkpoint, a resume of NaN weights, an LR beyond float32, memory that runs out, a .jsonl nested past the
+stack, mid/post flags checked only after a base pre-training, --init or --max-steps that a resume would ignore, and
+checkpoints whose fields were edited. Each must end in one line and a non-zero exit, leaving what was written as it
+was."""
+
+import json
+
+import pytest
+import torch
+
+import eval_niah
+import train
+import tta
+from refine_mini import data, regimes, trainer
+from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint
+from refine_mini.evaluate import find_runs
+from refine_mini.trainer import model_from_checkpoint
+from tests.test_regimes import LENGTH, run_cli, small_defaults, tiny_ckpt, tiny_model_cfg  # noqa: F401 (fixtures)
+
+OOM = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8e12"
+
+
+@pytest.fixture
+def pretrained(tmp_path, monkeypatch):
+    """A real 2-step pre-training run of a tiny DeltaNet (the CLI's model config shrunk) in tmp_path/run."""
+    monkeypatch.setattr(train, "default_model_config", tiny_model_cfg)
+    out = tmp_path / "run"
+    train.main(["--model", "deltanet", "--out", str(out), "--max-steps", "2", "--seq-len", "32", "--batch-size", "1",
+                "--device", "cpu"])
+    return out
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def fails(capsys, main, argv, code=2) -> str:
+    """Run a script's main(argv); it must exit with `code` and one error line on stderr (after any progress bar),
+    which is returned."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert e.value.code == code and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert not any(line.startswith("error") for line in lines[:-1]), err
+    return lines[-1]
+
+
+def interrupt(*_, **__):
+    raise KeyboardInterrupt
+
+
+def test_an_overwrite_stopped_before_its_first_save_does_not_leave_the_old_checkpoint(pretrained, capsys,
+                                                                                      monkeypatch):
+    """The old ckpt.pt beside the new config.json and metrics.jsonl would be "resumed" as if it were the new run."""
+    monkeypatch.setattr(trainer, "clip_and_step", interrupt)  # Ctrl-C in the first step, long before a save
+    argv = ["--model", "deltanet", "--out", str(pretrained), "--max-steps", "2", "--seq-len", "32", "--lr", "0.001"]
+    err = fails(capsys, train.main, [*argv, "--overwrite"], code=130)
+    assert f"no checkpoint was saved in {pretrained} yet" in err
+    assert not (pretrained / "ckpt.pt").exists() and json.loads((pretrained / "config.json").read_text())["train"]["lr"] == 0.001
+    assert "holds no checkpoint" in fails(capsys, train.main, [*argv, "--resume"])
+
+
+def test_an_interrupted_resume_names_the_checkpoint_it_keeps(pretrained, capsys, monkeypatch):
+    monkeypatch.setattr(trainer, "clip_and_step", interrupt)
+    before = files(pretrained)
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(pretrained), "--resume", "--max-steps", "4"],
+                code=130)
+    assert f"the last checkpoint in {pretrained} is kept (--resume continues from it)" in err
+    assert files(pretrained)["ckpt.pt"] == before["ckpt.pt"]
+
+
+def test_a_regime_overwrite_clears_the_old_checkpoint_before_it_writes(tiny_ckpt, small_defaults, tmp_path,  # noqa
+                                                                       capsys, monkeypatch):
+    run_cli(tmp_path, "mid", "ntp", tiny_ckpt)
+    out = tmp_path / "mid-ntp"
+    monkeypatch.setattr(regimes, "clip_and_step", interrupt)
+    argv = ["--model", "deltanet", "--regime", "mid", "--objective", "ntp", "--init", str(tiny_ckpt), "--out",
+            str(out), "--seq-len", str(LENGTH), "--max-steps", "2", "--lr", "0.002", "--overwrite"]
+    assert "no checkpoint was saved" in fails(capsys, train.main, argv, code=130)
+    assert not (out / "ckpt.pt").exists() and json.loads((out / "config.json").read_text())["run"]["lr"] == 0.002
+
+
+def test_a_resume_keeps_its_base_and_refuses_to_go_backwards(tiny_ckpt, small_defaults, tmp_path, capsys):  # noqa
+    """--init on a resume must name the run's own base; --max-steps below the reached step would do nothing and
+    rewrite config.json. Both refused, the folder unchanged (pre-training's --max-steps too: next test)."""
+    run_cli(tmp_path, "mid", "ntp", tiny_ckpt)
+    out = tmp_path / "mid-ntp"
+    before = files(out)
+    resume = ["--model", "deltanet", "--regime", "mid", "--out", str(out), "--resume"]
+    assert "--init" in fails(capsys, train.main, [*resume, "--init", str(tmp_path / "elsewhere.pt")])
+    assert "--max-steps 1 is below step 2" in fails(capsys, train.main, [*resume, "--max-steps", "1"])
+    assert files(out) == before
+    train.main([*resume, "--init", str(tiny_ckpt), "--max-steps", "3"])  # its own base, restated: accepted
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_a_pretraining_resume_refuses_nan_weights_and_fewer_steps(pretrained, capsys):
+    resume = ["--model", "deltanet", "--out", str(pretrained), "--resume"]
+    assert "--max-steps 1 is below step 2" in fails(capsys, train.main, [*resume, "--max-steps", "1"])
+    ckpt = load_checkpoint(pretrained)
+    next(iter(ckpt["model"].values()))[0].fill_(float("nan"))
+    save_checkpoint(pretrained / "ckpt.pt", ckpt)
+    before = files(pretrained)
+    assert "non-finite (NaN or inf) weights" in fails(capsys, train.main, [*resume, "--max-steps", "3"])
+    assert files(pretrained) == before
+
+
+def test_eval_never_overwrites_a_file_that_is_not_a_results_json(pretrained, capsys):
+    before = files(pretrained)
+    err = fails(capsys, eval_niah.main, ["--ckpt", str(pretrained), "--out", str(pretrained / "ckpt.pt"), "--tasks",
+                                        "s_niah", "--lengths", "128", "--samples", "1"])
+    assert "is not a JSON results file; refusing to overwrite it" in err and files(pretrained) == before
+
+
+def test_out_of_memory_is_one_line_and_other_runtime_errors_still_surface(tiny_ckpt, tmp_path, capsys,  # noqa: F811
+                                                                          monkeypatch):
+    def oom(*_, **__):
+        raise RuntimeError(OOM)
+
+    monkeypatch.setattr(train, "run_pretrain", oom)
+    assert "out of memory" in fails(capsys, train.main, ["--model", "deltanet", "--out", str(tmp_path / "a")])
+    monkeypatch.setattr(tta, "run_method", oom)
+    assert "out of memory" in fails(capsys, tta.main, ["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2",
+                                                       "--batch-size", "2"])
+    monkeypatch.setattr(eval_niah, "evaluate_run", oom)
+    assert "out of memory" in fails(capsys, eval_niah.main, ["--ckpt", str(tiny_ckpt), "--tasks", "s_niah",
+                                                             "--lengths", str(LENGTH), "--samples", "1"])
+    monkeypatch.setattr(train, "run_pretrain", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not dressed up as bad input
+        train.main(["--model", "deltanet", "--out", str(tmp_path / "b")])
+
+
+def test_eval_interrupted_while_loading_runs_is_one_line(tiny_ckpt, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(eval_niah, "resolve_runs", interrupt)
+    assert "interrupted" in fails(capsys, eval_niah.main, ["--ckpt", str(tiny_ckpt)], code=130)
+
+
+def test_a_jsonl_line_python_cannot_parse_names_its_file_and_line(tmp_path):
+    deep, huge = tmp_path / "deep.jsonl", tmp_path / "huge.jsonl"
+    deep.write_text('{"text": "ok"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    huge.write_text('{"text": "ok", "n": ' + "9" * 5000 + "}\n")  # past Python's 4300-digit int limit
+    with pytest.raises(ValueError, match=r"deep\.jsonl:2: bad JSON line \(RecursionError\)"):
+        data.load_text_documents(deep)
+    with pytest.raises(ValueError, match=r"huge\.jsonl:1: bad JSON line"):
+        data.load_text_documents(huge)
+
+
+def test_regime_flags_are_checked_before_a_base_is_pretrained(tmp_path, capsys, monkeypatch):
+    """With no base checkpoint, a bad --c (or a --seq-len too short for post's prompts) used to surface only after
+    minutes of pre-training the base."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(regimes, "base_checkpoint", lambda *a: pytest.fail("pre-trained a base for a bad flag"))
+    err = fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid", "--c", "0"])
+    assert "c, k, n and minibatches must all be >= 1" in err
+    assert "too short for task" in fails(capsys, train.main, ["--model", "deltanet", "--regime", "post", "--seq-len",
+                                                              "64"])
+    assert "cannot be cut into c=100 chunks" in fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid",
+                                                                           "--seq-len", "64", "--c", "100"])
+
+
+def test_edited_checkpoint_fields_are_checkpoint_errors(pretrained, capsys):
+    ckpt = load_checkpoint(pretrained)
+    with pytest.raises(CheckpointError, match="do not fit its model config"):  # ZeroDivisionError inside
+        model_from_checkpoint({**ckpt, "model_config": {**ckpt["model_config"], "n_heads": 0}}, torch.device("cpu"))
+    for field, value in (("rng", {}), ("step", "2"), ("step", -1), ("optimizer", [])):
+        save_checkpoint(pretrained / "ckpt.pt", {**ckpt, field: value})
+        with pytest.raises(CheckpointError, match="step, optimizer or RNG states are malformed"):
+            load_checkpoint(pretrained, for_resume=True)
+    save_checkpoint(pretrained / "ckpt.pt", {**ckpt, "train_config": {**ckpt["train_config"], "seq_len": "abc"}})
+    before = files(pretrained)
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(pretrained), "--resume"])
+    assert "saved seq_len is 'abc' (str, not int)" in err and files(pretrained) == before
+    assert "not a length: 'abc'" in fails(capsys, eval_niah.main, ["--ckpt", str(pretrained)])
+
+
+def test_a_folder_named_ckpt_pt_is_not_a_run(tmp_path):
+    (tmp_path / "runs" / "r" / "ckpt.pt").mkdir(parents=True)
+    assert find_runs(tmp_path / "runs") == []
