@@ -138,8 +138,8 @@ def main(argv=None) -> dict:
 
 
 def kept(out: Path) -> str:
-    """What a run stopped by an error or Ctrl-C leaves behind in `out` (an interrupted base pre-training is a run
-    of its own, under runs/: its folder is named when it is the one stopped, see common.base_checkpoint)."""
+    """What a run stopped by an error or Ctrl-C leaves behind in `out`. (A base pre-training that a mid/post run
+    started and that was stopped is finished by the next such run: common.base_checkpoint.)"""
     if (out / "ckpt.pt").is_file():
         return f"the last checkpoint in {out} is kept (--resume continues from it)"
     return f"no checkpoint was saved in {out} yet (run again without --resume)"

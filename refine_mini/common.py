@@ -210,12 +210,22 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
 
 
 def base_checkpoint(args, device) -> Path:
-    """--init, else runs/<model>-pretrain; pre-train that base first (saying so) when it does not exist yet."""
+    """--init, else runs/<model>-pretrain; pre-train that base first (saying so) when it does not exist yet, or
+    finish it when its pre-training was stopped before its last step (a Ctrl-C in an earlier run's base)."""
     if getattr(args, "init", None):
         return Path(args.init)
     base = Path("runs") / f"{args.model}-pretrain"
-    if not (base / "ckpt.pt").exists():
-        import train  # the CLI's own pre-training entry, so the base is exactly what --regime pretrain makes
+    import train  # the CLI's own pre-training entry, so the base is exactly what --regime pretrain makes
+    if (base / "ckpt.pt").exists():
+        saved = load_checkpoint(base, mmap=True)  # its configs only
+        step, total = saved.get("step"), (saved.get("train_config") or {}).get("max_steps")
+        if isinstance(step, int) and isinstance(total, int) and step < total:
+            print(f"the base pre-training in {base} stopped at step {step} of {total}: finishing it first (as python "
+                  f"train.py --model {args.model} --regime pretrain --resume)")
+            flags = argparse.Namespace(model=args.model, resume=True, compile=getattr(args, "compile", "off"),
+                                       grad_checkpoint=getattr(args, "grad_checkpoint", False))  # FREE on resume
+            train.run_pretrain(flags, base, torch.device(device))
+    else:
         precision = getattr(args, "precision", None)  # passed on, as --grad-checkpoint is
         print(f"no --init and no base checkpoint at {base}/ckpt.pt: pre-training the base model first (as python "
               f"train.py --model {args.model} --regime pretrain{' --precision ' + precision if precision else ''})")

@@ -4,7 +4,9 @@ stack, mid/post flags checked only after a base pre-training, --init or --max-st
 checkpoints whose fields were edited. Each must end in one line and a non-zero exit, leaving what was written as it
 was."""
 
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import eval_niah
 import train
 import tta
 from refine_mini import data, regimes, trainer
-from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint
+from refine_mini.common import CheckpointError, base_checkpoint, load_checkpoint, save_checkpoint
 from refine_mini.evaluate import find_runs
 from refine_mini.trainer import model_from_checkpoint
 from tests.test_regimes import LENGTH, run_cli, small_defaults, tiny_ckpt, tiny_model_cfg  # noqa: F401 (fixtures)
@@ -178,3 +180,27 @@ def test_edited_checkpoint_fields_are_checkpoint_errors(pretrained, capsys):
 def test_a_folder_named_ckpt_pt_is_not_a_run(tmp_path):
     (tmp_path / "runs" / "r" / "ckpt.pt").mkdir(parents=True)
     assert find_runs(tmp_path / "runs") == []
+
+
+def test_a_base_whose_pretraining_was_stopped_is_finished_before_it_is_used(pretrained, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A Ctrl-C in the base pre-training that a mid/post run started leaves runs/<model>-pretrain at its last
+    checkpoint; the next run must finish it (resuming with its own settings), not train on a half-trained base."""
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "runs" / "deltanet-pretrain"
+    base.parent.mkdir()
+    pretrained.rename(base)  # finished: 2 steps of 2
+    calls, real = [], train.run_pretrain
+    monkeypatch.setattr(train, "run_pretrain", lambda args, out, device: calls.append((vars(args), out)))
+    args = argparse.Namespace(model="deltanet", seed=None, init=None, compile="off", grad_checkpoint=True)
+    assert base_checkpoint(args, "cpu") == Path("runs/deltanet-pretrain") and calls == []
+    ckpt = load_checkpoint(base)
+    save_checkpoint(base / "ckpt.pt", {**ckpt, "train_config": {**ckpt["train_config"], "max_steps": 5}})
+    base_checkpoint(args, "cpu")
+    assert calls == [({"model": "deltanet", "resume": True, "compile": "off", "grad_checkpoint": True},
+                      Path("runs/deltanet-pretrain"))]
+    assert "stopped at step 2 of 5: finishing it first" in capsys.readouterr().out
+    monkeypatch.setattr(train, "run_pretrain", real)  # and the real resume gets there, with the base's settings
+    base_checkpoint(args, "cpu")
+    finished = load_checkpoint(base)
+    assert finished["step"] == 5 and finished["train_config"]["seq_len"] == 32
