@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
-FP32_MAX = torch.finfo(torch.float32).max  # the largest learning rate (or weight) AdamW can apply
+FP32_MAX = torch.finfo(torch.float32).max  # bound of --lr and the loss weights: past it AdamW's fp32 step overflows
 PRECISIONS = ("fp32", "bf16")  # fp32 throughout, or bf16 autocast over fp32 weights (method.md §2, "precision")
 
 
