@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from refine_mini.common import (PRECISIONS, CheckpointError, fail, is_out_of_memory, keep_freed_memory, pick_device,
+from refine_mini.common import (PRECISIONS, CheckpointError, fail, keep_freed_memory, out_of_memory, pick_device,
                                 run_dir, set_seed, write_atomic)
 from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
                                   load_run, peak_memory, reset_peak_memory)
@@ -264,9 +264,7 @@ def main(argv=None) -> dict:
     except (ValueError, FloatingPointError) as e:  # a prompt that cannot be built; a model whose logits are NaN
         fail(str(e))
     except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        fail(f"out of memory ({' '.join(str(e).split())[:120]}); try a smaller --batch or --prefill-tokens")
+        fail(out_of_memory(e, "try a smaller --batch or --prefill-tokens"))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", code=130)
     meta = {"seed": args.seed, "device": str(device), "precision": args.precision, "torch": torch.__version__,

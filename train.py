@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, fail, is_out_of_memory, keep_freed_memory,
-                                load_checkpoint, pick_device, run_dir, set_seed)
+from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, fail, keep_freed_memory, load_checkpoint,
+                                out_of_memory, pick_device, run_dir, set_seed)
 from refine_mini.model import ModelConfig
 from refine_mini.resume import configure, given_flags, saved_config
 from refine_mini.trainer import TrainConfig, pretrain
@@ -130,9 +130,7 @@ def main(argv=None) -> dict:
     except OSError as e:  # a disk that fills up, a folder that vanishes: the atomic save kept the last checkpoint
         fail(f"{e.strerror or e}: {e.filename or out}; {kept(out)}")
     except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        fail(f"out of memory ({' '.join(str(e).split())[:120]}); try a smaller --batch-size or --seq-len; {kept(out)}")
+        fail(out_of_memory(e, f"try a smaller --batch-size or --seq-len; {kept(out)}"))
     except KeyboardInterrupt:
         fail(f"interrupted; {kept(out)}", code=130)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from refine_mini import tokenizer
-from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, checkpoint_seq_len, fail, is_out_of_memory,
-                                keep_freed_memory, load_checkpoint, pick_device, set_seed)
+from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory,
+                                load_checkpoint, out_of_memory, pick_device, set_seed)
 from refine_mini.niah import TASKS, make_task_examples
 from refine_mini.posttrain import score_examples
 from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
@@ -150,9 +150,7 @@ def main(argv=None) -> dict:
     except (ValueError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        fail(f"out of memory ({' '.join(str(e).split())[:120]}); try a smaller --batch-size or --length")
+        fail(out_of_memory(e, "try a smaller --batch-size or --length"))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", code=130)
     base = results["none"]["score"]

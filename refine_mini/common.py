@@ -287,9 +287,12 @@ class MetricLog:
         self.file.close()
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """A tensor that did not fit: CUDA raises torch.OutOfMemoryError, the CPU allocator a plain RuntimeError."""
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+def out_of_memory(e: BaseException, hint: str) -> str:
+    """The one-line message for a tensor that did not fit (CUDA raises torch.OutOfMemoryError, the CPU allocator a
+    plain RuntimeError); any other error is raised again, not dressed up as bad input."""
+    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+        raise e
+    return f"out of memory ({' '.join(str(e).split())[:120]}); {hint}"
 
 
 def fail(message: str, code: int = 2):
