@@ -39,7 +39,7 @@ import torch
 from refine_mini import tokenizer
 from refine_mini.common import (MetricLog, base_checkpoint, checkpoint_seq_len, clock, load_checkpoint, make_generator,
                                 set_rng_state, trim_log)
-from refine_mini.resume import configure, given_flags, require_same, saved_config
+from refine_mini.resume import configure, given_flags, require_ahead, require_same, saved_config
 from refine_mini.trainer import (apply_compute_settings, clip_and_step, make_optimizer, model_from_checkpoint,
                                  ntp_loss_from_hidden, save_run, skip_streak, validation_metrics)
 
@@ -193,8 +193,7 @@ class Run:
             self.step, self.opt_steps, self.extra = ckpt["step"], ckpt.get("opt_steps", 0), ckpt.get("extra", {})
             if getattr(args, "init", None):  # the base is part of the run: restated, or refused
                 require_same("init", str(Path(args.init).resolve()), self.extra.get("init"))
-            if cfg.max_steps < self.step:
-                raise ValueError(f"--max-steps {cfg.max_steps} is below step {self.step}, which {out} has reached")
+            require_ahead(cfg.max_steps, self.step, out)
             print(f"resuming {out} at step {self.step} ({self.opt_steps} optimizer steps)")
         else:
             self.extra["init"] = str(Path(start).resolve())  # the base checkpoint, kept through every resume

@@ -57,6 +57,12 @@ def require_same(name: str, given, saved) -> None:
                          f"a resumed run keeps its settings (start a new --out, or --overwrite, to change them)")
 
 
+def require_ahead(max_steps: int, step: int, out) -> None:
+    """ValueError for a resume that would end before the step its run has reached (it would do nothing)."""
+    if max_steps < step:
+        raise ValueError(f"--max-steps {max_steps} is below step {step}, which {out} has reached")
+
+
 def saved_config(ckpt: dict, regime: str, out) -> dict:
     """A checkpoint's saved train_config ({} when it has none), once its run is known to be of `regime`."""
     if ckpt.get("regime", regime) != regime:

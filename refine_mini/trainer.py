@@ -32,7 +32,7 @@ from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoi
                                 set_rng_state, trim_log)
 from refine_mini.head_loss import IGNORE, default_block_rows
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
-from refine_mini.resume import configure, saved_config
+from refine_mini.resume import configure, require_ahead, saved_config
 from refine_mini.tokenizer import encode
 
 ANSWER_CUE = encode("Answer:")  # token ids of the cue before every answer (textgen.py), after a newline
@@ -239,8 +239,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
-        if cfg.max_steps < start:
-            raise ValueError(f"--max-steps {cfg.max_steps} is below step {start}, which {out} has reached")
+        require_ahead(cfg.max_steps, start, out)
         trim_log(out / "metrics.jsonl", start)  # lines a killed run logged after its last checkpoint
         print(f"resuming {out} at step {start}")
     else:  # a fresh run (--overwrite): the folder must never pair the old checkpoint with the new config and log
