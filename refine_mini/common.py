@@ -82,10 +82,9 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Ask glibc's malloc to keep freed blocks below `limit` bytes for reuse instead of handing them back to the OS.
 
     Why: by default glibc gives each block above a dynamic threshold (128 KiB, at most 32 MiB) its own mmap, unmaps it
-    on free, and trims the heap top. A training step allocates and frees the same large tensors every time
-    (activations of several MB each; before the fused head loss also the 134 MB logits), so each step page-faults
-    them all back in: about 140 000 faults (570 MB) per default DeltaNet NTP step as measured then, a fifth to a
-    third of its time on 2 cores (README, "CPU speed").
+    on free, and trims the heap top. A training step allocates and frees the same large tensors (activations of
+    several MB each) every time, so each step page-faults them all back in: about 140 000 faults (570 MB) per default
+    DeltaNet NTP step as measured before the fused head loss, a fifth to a third of its time on 2 cores (README).
     mallopt(M_MMAP_THRESHOLD and M_TRIM_THRESHOLD = limit) stops that; the price is freed memory that stays resident
     (peak RSS +8-18 % measured). Process-wide, so only the entry scripts call it (for CPU runs), never the library.
     Returns False, changing nothing, where the C library is not glibc (macOS, musl)."""

@@ -5,16 +5,12 @@ Each block is recomputed in the backward from its inputs instead of keeping its 
 trains with per-layer gradient checkpointing), optionally on S-token pieces that carry the state. Checked here, for
 whole-sequence blocks and for pieces: carried-state passes, recorded passes with snapshots and whole REFINE steps give
 the same values and gradients as without checkpointing; the pieces' records join into the whole pass's record; the
-backward holds less; the checkpointed model still traces whole for torch.compile; the CLI flags reach the model and
-a segment the recorded pass cannot join is a one-line error.
+backward holds less; the checkpointed model still traces whole for torch.compile. The CLI flags are checked in
+test_grad_checkpoint_flags.py.
 """
-import json
-
 import pytest
 import torch
 
-import train
-import tta
 from bench.measure import cpu_peak_bytes
 from refine_mini import model as model_module
 from refine_mini.evaluate import storage_bytes
@@ -23,7 +19,6 @@ from refine_mini.refine import RefineConfig, refine_step
 from refine_mini.trainer import ntp_loss_from_hidden
 from tests.test_deltanet import rel  # ‖a − b‖ / ‖b‖: pieces are equal only to rounding, not bit for bit
 from tests.test_model import tiny  # fp64, 2 layers, 8-token chunks
-from tests.test_regimes import LENGTH, run_cli, small_defaults, tiny_ckpt  # noqa: F401 (fixtures)
 
 MIXERS = ["deltanet", "lact"]
 
@@ -209,51 +204,6 @@ def test_checkpointing_is_off_without_grad_and_the_checkpointed_model_traces_who
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert len(calls) == 2 * (3 if segment else 1)  # the trace went through every block's (and piece's) checkpoint
         calls.clear()
-
-
-@pytest.mark.parametrize("flags, segment", [(["--grad-checkpoint"], 0), (["--checkpoint-segment", "32"], 32)])
-def test_the_train_flags_reach_the_model_and_change_no_number(tmp_path, tiny_ckpt, small_defaults,  # noqa: F811
-                                                              monkeypatch, flags, segment):
-    calls = spy_checkpoint(monkeypatch)
-    plain = run_cli(tmp_path / "a", "mid", "refine", tiny_ckpt, steps=1)
-    assert not calls
-    checkpointed = run_cli(tmp_path / "b", "mid", "refine", tiny_ckpt, steps=1, extra=flags)
-    assert calls
-    config = json.loads((tmp_path / "b" / "mid-refine" / "config.json").read_text())
-    assert config["run"]["grad_checkpoint"] is (segment == 0) and config["run"]["checkpoint_segment"] == segment
-    for a, b in zip(plain, checkpointed, strict=True):
-        for key in ("loss", "ntp_loss", "policy_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
-
-
-def test_pretrain_and_tta_grad_checkpoint_flags_reach_the_model(tmp_path, tiny_ckpt, monkeypatch):  # noqa: F811
-    seen = {}
-
-    def fake_pretrain(model_cfg, cfg, corpus, out, device, resume=False):
-        seen["pretrain"] = cfg.grad_checkpoint
-        return {}
-    monkeypatch.setattr(train, "pretrain", fake_pretrain)
-    train.main(["--model", "deltanet", "--grad-checkpoint", "--out", str(tmp_path / "pre")])
-    calls = spy_checkpoint(monkeypatch)
-    tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2", "--batch-size", "2",
-              "--length", str(LENGTH), "--grad-checkpoint"])
-    assert seen == {"pretrain": True} and calls
-
-
-@pytest.mark.parametrize("script", ["train", "tta"])
-def test_a_bad_checkpoint_segment_is_a_one_line_error(script, tmp_path, tiny_ckpt, capsys):  # noqa: F811
-    """tiny_ckpt's chunks are 16 tokens: 24 is not a multiple; 0 is not a length."""
-    for value, message in (("24", "multiple of the model's chunk size (16 tokens)"), ("0", "must be >= 1")):
-        with pytest.raises(SystemExit) as exit_info:
-            if script == "train":
-                train.main(["--model", "deltanet", "--regime", "mid", "--init", str(tiny_ckpt), "--out",
-                            str(tmp_path / "mid"), "--checkpoint-segment", value])
-            else:
-                tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2", "--batch-size", "2",
-                          "--length", str(LENGTH), "--checkpoint-segment", value])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "mid" / "config.json").exists()  # nothing written for the refused run
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
