@@ -90,6 +90,9 @@ def check_args(args) -> None:
         raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     if args.regime not in REGIMES:
         raise ValueError(f"unknown regime {args.regime!r}; choose one of {', '.join(REGIMES)}")
+    for name in ("out", "data", "init"):  # an empty path would silently mean the default one
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise ValueError(f"--{name} is empty; give a path, or leave the flag out for its default")
     for name in ("max_steps", "seq_len", "batch_size", "checkpoint_segment"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -108,6 +111,7 @@ def check_args(args) -> None:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     out = Path(args.out or f"runs/{args.model}-{args.regime}")
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # what run_dir will create, deepest first
     try:
         check_args(args)
         device = pick_device(args.device)
@@ -125,18 +129,24 @@ def main(argv=None) -> dict:
             return run_pretrain(args, out, device)
         from refine_mini.regimes import run_regime  # the REFINE regimes (mid, post)
         return run_regime(args, out, device)
-    except (ValueError, CheckpointError, FloatingPointError) as e:
+    except (ValueError, CheckpointError) as e:
         fail(str(e))
+    except FloatingPointError as e:  # a NaN loss or weights: stopped before saving them
+        fail(f"{e}; {kept(out)}")
     except OSError as e:  # a disk that fills up, a folder that vanishes: the atomic save kept the last checkpoint
         fail(f"{e.strerror or e}: {e.filename or out}; {kept(out)}")
     except (MemoryError, RuntimeError) as e:
         fail(out_of_memory(e, f"try a smaller --batch-size or --seq-len; {kept(out)}"))
     except KeyboardInterrupt:
         fail(f"interrupted; {kept(out)}", code=130)
+    finally:  # a run that failed before writing anything (bad --data, say) leaves no empty folder behind
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def kept(out: Path) -> str:
-    """What a run stopped by an error or Ctrl-C leaves behind in `out`. (A base pre-training that a mid/post run
+    """What a run stopped by an error, a NaN or Ctrl-C leaves behind in `out`. (A base pre-training that a mid/post run
     started and that was stopped is finished by the next such run: common.base_checkpoint.)"""
     if (out / "ckpt.pt").is_file():
         return f"the last checkpoint in {out} is kept (--resume continues from it)"

@@ -30,7 +30,7 @@ import torch
 from refine_mini import tokenizer
 from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory,
                                 load_checkpoint, out_of_memory, pick_device, set_seed)
-from refine_mini.niah import TASKS, make_task_examples
+from refine_mini.niah import TASKS, check_prompt_budget, make_task_examples
 from refine_mini.posttrain import score_examples
 from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
 from refine_mini.trainer import apply_compute_settings, make_optimizer, model_from_checkpoint
@@ -134,6 +134,7 @@ def main(argv=None) -> dict:
         set_seed(args.seed)
         ckpt = load_checkpoint(args.ckpt, vocab=tokenizer.vocab_size())
         length = args.length or checkpoint_seq_len(ckpt)
+        check_prompt_budget(args.samples, length, "--samples and --length")
         examples = make_task_examples(args.task, args.samples, length, None, args.seed, split="eval")
         cfg = TTTConfig(lr=args.lr, sft_steps=args.sft_steps, grad_checkpoint=args.grad_checkpoint,
                         checkpoint_segment=args.checkpoint_segment or 0, precision=args.precision)
@@ -147,8 +148,10 @@ def main(argv=None) -> dict:
             scores, steps = run_method(ckpt, examples, method, args.mode, cfg, args.batch_size, args.seed, device)
             results[method] = {"score": round(100 * sum(scores) / len(scores), 1), "optimizer_steps": steps}
             print(f"  {method:<11} score {results[method]['score']:5.1f}   optimizer steps {steps}")
-    except (ValueError, CheckpointError, FloatingPointError) as e:
+    except (ValueError, CheckpointError) as e:
         fail(str(e))
+    except FloatingPointError as e:  # NaN logits or weights while adapting or scoring
+        fail(f"{e}; nothing was written")
     except (MemoryError, RuntimeError) as e:
         fail(out_of_memory(e, "try a smaller --batch-size or --length"))
     except KeyboardInterrupt:

@@ -231,8 +231,7 @@ def base_checkpoint(args, device) -> Path:
         pre_args = argparse.Namespace(  # the pre-training flags not named here are not given (resume.given_flags)
             model=args.model, data=getattr(args, "data", None), seed=args.seed, compile=getattr(args, "compile", "off"),
             grad_checkpoint=getattr(args, "grad_checkpoint", False), precision=precision)
-        base.mkdir(parents=True, exist_ok=True)
-        train.run_pretrain(pre_args, base, torch.device(device))
+        train.run_pretrain(pre_args, base, torch.device(device))  # makes the folder once its corpus is read
     return base
 
 

@@ -211,5 +211,6 @@ def check_grid(tasks, lengths, depths, samples, haystacks=("noise",)) -> None:
             raise ValueError(f"needle depths must lie in [0, 1], got {d}")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
+    niah.check_prompt_budget(samples * len(depths), max(lengths), "--samples x --depths")  # one row's prompts
     for task in tasks:  # the shortest length must hold every prompt's header, needles and question
         niah.check_length(task, min(lengths))

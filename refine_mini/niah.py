@@ -188,6 +188,18 @@ def check_length(task: str, length: int, split: str = "eval", name: str = "lengt
                          f"{need} tokens")
 
 
+# Prompts are built up front, in memory: 14-46 bytes and 4-13 µs a token (S-NIAH / QA, measured). 2**26 tokens is
+# ~1-3 GB and 4-15 minutes of building; a larger request (a mistyped --samples) is refused before it starts.
+MAX_PROMPT_TOKENS = 2 ** 26
+
+
+def check_prompt_budget(prompts: int, length: int, what: str) -> None:
+    """Raise ValueError (one line) when `prompts` prompts of `length` tokens exceed MAX_PROMPT_TOKENS."""
+    if prompts * length > MAX_PROMPT_TOKENS:
+        raise ValueError(f"{what} ask for {prompts:,} prompts of {length:,} tokens, built in memory up front; at most "
+                         f"{MAX_PROMPT_TOKENS:,} tokens at a time (refine_mini/niah.py)")
+
+
 def make_example(task: str, length: int, depth: float, rng: random.Random, split: str = "eval",
                  haystack: str = "noise") -> Example:
     if task not in TASKS:

@@ -76,7 +76,7 @@ def sft_step(model, optimizer, examples, grad_clip: float, device) -> dict:
     tokens, labels = answer_batch(examples, device)
     loss = answer_loss(model, tokens, labels)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite answer-SFT loss ({loss.item()}); the last good checkpoint is kept")
+        raise FloatingPointError(f"non-finite answer-SFT loss ({loss.item()}); stopping")
     loss.backward()
     grad_norm = clip_and_step(model, optimizer, grad_clip)
     return {"sft_loss": loss.item(), "grad_norm": grad_norm, "answer_tokens": int((labels != IGNORE).sum()),

@@ -157,8 +157,7 @@ def check_finite(metrics: dict, keys) -> None:
     for key in keys:
         value = metrics.get(key)
         if value is not None and not math.isfinite(float(value)):
-            raise FloatingPointError(f"non-finite {key} ({value}); stopping before the next checkpoint, "
-                                     f"so the last good checkpoint is kept")
+            raise FloatingPointError(f"non-finite {key} ({value}); stopping")
 
 
 # ---- run plumbing shared by mid and post ------------------------------------------------------------------------

@@ -124,8 +124,7 @@ def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: in
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if not bool(torch.isfinite(entropy).all()):
-        raise FloatingPointError("non-finite next-token entropies (the logits overflowed); stopping, so the last "
-                                 "good checkpoint is kept")
+        raise FloatingPointError("non-finite next-token entropies (the logits overflowed); stopping")
     smoothed = smooth_entropy(entropy, lengths, smoothing_kernel(k) if kernel is None else kernel)  # (B, T)
     rows = []
     for b, length in enumerate(lengths.tolist()):

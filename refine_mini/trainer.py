@@ -150,7 +150,7 @@ def clip_and_step(model, optimizer, grad_clip: float) -> float:
         optimizer.step()
         if not weights_finite(model.state_dict()):
             raise FloatingPointError("an optimizer step made the weights non-finite (is the learning rate too "
-                                     "large?); stopping, so the last good checkpoint is kept")
+                                     "large?); stopping")
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
 
@@ -166,7 +166,7 @@ def skip_streak(streak: int, grad_norm: float | None) -> int:
         return 0
     if streak + 1 >= MAX_SKIPPED_STEPS:
         raise FloatingPointError(f"{MAX_SKIPPED_STEPS} optimizer steps in a row had a non-finite gradient norm and "
-                                 f"were skipped; stopping, so the last good checkpoint is kept")
+                                 f"were skipped; stopping")
     return streak + 1
 
 
@@ -178,8 +178,7 @@ def weights_finite(state_dict: dict) -> bool:
 def save_run(out: Path, model, optimizer, step: int, model_cfg: ModelConfig, train_cfg, regime: str, **extra):
     """Atomic checkpoint of a run; never of non-finite weights (the previous checkpoint is kept instead)."""
     if not weights_finite(model.state_dict()):
-        raise FloatingPointError(f"non-finite weights at step {step}: not saved; the last good checkpoint in {out} "
-                                 f"is kept")
+        raise FloatingPointError(f"non-finite weights at step {step}: not saved")
     save_checkpoint(out / "ckpt.pt", {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state(),
         "model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "regime": regime, **extra})
@@ -262,8 +261,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
             weighted_sum, nll, _ = model.head_loss(hidden, next_token_targets(tokens), weights)  # nll (B, T)
             loss = weighted_sum / weights.sum()  # the answer-weighted mean (answer_weighted_loss, blockwise)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; "
-                                         f"the last good checkpoint in {out} is kept")
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; stopping")
             loss.backward()
             grad_norm = clip_and_step(model, optimizer, cfg.grad_clip)
             skipped = skip_streak(skipped, grad_norm)  # raises after MAX_SKIPPED_STEPS non-finite gradients in a row

@@ -1,8 +1,9 @@
 """Bad inputs found by probing the scripts from outside: an --overwrite stopped before its first save, an --out that
 names a checkpoint, a resume of NaN weights, an LR beyond float32, memory that runs out, a .jsonl nested past the
-stack, mid/post flags checked only after a base pre-training, --init or --max-steps that a resume would ignore, and
-checkpoints whose fields were edited. Each must end in one line and a non-zero exit, leaving what was written as it
-was."""
+stack, mid/post flags checked only after a base pre-training, --init or --max-steps that a resume would ignore,
+checkpoints whose fields were edited, a NaN loss before the first save, a fresh run failing on its data, an empty
+path, and a --samples too large to build. Each must end in one line and a non-zero exit, leaving what was written as
+it was (and no empty folder that the failed run created)."""
 
 import argparse
 import json
@@ -14,7 +15,7 @@ import torch
 import eval_niah
 import train
 import tta
-from refine_mini import data, regimes, trainer
+from refine_mini import data, niah, regimes, trainer
 from refine_mini.common import CheckpointError, base_checkpoint, load_checkpoint, save_checkpoint
 from refine_mini.evaluate import find_runs
 from refine_mini.trainer import model_from_checkpoint
@@ -204,3 +205,64 @@ def test_a_base_whose_pretraining_was_stopped_is_finished_before_it_is_used(pret
     base_checkpoint(args, "cpu")
     finished = load_checkpoint(base)
     assert finished["step"] == 5 and finished["train_config"]["seq_len"] == 32
+
+
+def nan_weights(tokens, answer_weight):  # stands in for trainer.answer_weights: the step's loss comes out NaN
+    return torch.full(tokens.shape, float("nan"))
+
+
+def test_a_nan_loss_says_whether_a_checkpoint_was_kept(pretrained, tmp_path, capsys, monkeypatch):
+    """At step 0 of a fresh run there is no "last good checkpoint" to keep; after a save there is one."""
+    monkeypatch.setattr(trainer, "answer_weights", nan_weights)
+    before = files(pretrained)
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(pretrained), "--resume", "--max-steps", "3"])
+    assert "non-finite loss nan at step 2; stopping" in err and "the last checkpoint in" in err and "is kept" in err
+    assert files(pretrained)["ckpt.pt"] == before["ckpt.pt"]
+    fresh = tmp_path / "fresh"
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(fresh), "--max-steps", "2", "--seq-len",
+                                     "32", "--batch-size", "1"])
+    assert "at step 0; stopping; no checkpoint was saved in" in err and not (fresh / "ckpt.pt").exists()
+
+
+def test_tta_stopped_by_nan_says_it_wrote_nothing(tiny_ckpt, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(tta, "run_method", lambda *a: (_ for _ in ()).throw(FloatingPointError("non-finite logits")))
+    err = fails(capsys, tta.main, ["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2", "--batch-size", "2"])
+    assert err == "error: non-finite logits; nothing was written"
+
+
+def test_a_fresh_run_that_fails_on_its_data_leaves_no_empty_folder(tiny_ckpt, tmp_path, capsys,  # noqa: F811
+                                                                    monkeypatch):
+    """The folders a run creates (its --out, the runs/ above it, a base's folder) go again when it fails before
+    writing anything into them; a folder that was there before stays."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("")
+    bad = ["--data", str(tmp_path / "empty.txt")]
+    assert "empty corpus" in fails(capsys, train.main, ["--model", "deltanet", "--out", "a/b/run", *bad])
+    assert "empty corpus" in fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid", "--init",
+                                                        str(tiny_ckpt), "--out", "mid", *bad])
+    assert "empty corpus" in fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid", *bad])  # base too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "empty.txt"]
+    (tmp_path / "kept").mkdir()
+    assert "empty corpus" in fails(capsys, train.main, ["--model", "deltanet", "--out", "kept", *bad])
+    assert (tmp_path / "kept").is_dir()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--data", "--init"])
+def test_an_empty_path_is_refused_not_taken_for_the_default(flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid", flag, " "])
+    assert f"{flag} is empty" in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_prompt_count_too_large_to_build_is_refused_before_building(tiny_ckpt, capsys, monkeypatch):  # noqa: F811
+    """--samples 10**12 used to spend hours building prompts before running out of memory."""
+    niah.check_prompt_budget(niah.MAX_PROMPT_TOKENS // 512, 512, "x")  # at the limit: accepted
+    with pytest.raises(ValueError, match="at most 67,108,864 tokens"):
+        niah.check_prompt_budget(niah.MAX_PROMPT_TOKENS // 512 + 1, 512, "x")
+    monkeypatch.setattr(niah, "make_example", lambda *a: pytest.fail("built a prompt"))
+    err = fails(capsys, tta.main, ["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", str(10 ** 12),
+                                   "--batch-size", "4", "--length", "512"])
+    assert "--samples and --length ask for 1,000,000,000,000 prompts of 512 tokens" in err
+    err = fails(capsys, eval_niah.main, ["--ckpt", str(tiny_ckpt), "--tasks", "s_niah", "--lengths", "512",
+                                         "--depths", "0", "1", "--samples", str(2 ** 17)])
+    assert "--samples x --depths ask for 262,144 prompts of 512 tokens" in err
