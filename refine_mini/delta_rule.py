@@ -100,7 +100,7 @@ def _to_chunks(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, C: int, cdt: torch
     if pad:
         qc, kc, vc = (F.pad(x, (0, 0, 0, pad)) for x in (qc, kc, vc))  # (B,H,N*C,D): zero rows at the tail
         bc = F.pad(bc, (0, pad))                                        # (B,H,N*C)
-    Z = B * H * N
+    Z = B * H * N                                                       # (B,H,N·C,D) -> (B·H·N, C, D): chunk rows
     return (qc.reshape(Z, C, Dk), kc.reshape(Z, C, Dk), vc.reshape(Z, C, v.shape[-1]), bc.reshape(Z, C, 1)), N
 
 
@@ -134,15 +134,15 @@ def _delta_rule_chunked_autograd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, 
     eye = torch.eye(Dk, dtype=cdt, device=q.device).expand(Z, Dk, Dk)
     P = torch.baddbmm(eye, kz.mT, W, alpha=-1.0)                        # I - KᵀW: (Z,Dk,Dk)
     G = torch.bmm(kz.mT, U)                                             # KᵀU: (Z,Dk,Dv)
-    h = h.reshape(B * H, Dk, Dv)
-    states = []
+    h = h.reshape(B * H, Dk, Dv)                                        # (B,H,Dk,Dv) -> (BH,Dk,Dv)
+    states = []                                                         # P, G: (Z,·,·) -> (BH,N,·,·), chunk by chunk
     for P_n, G_n in zip(P.view(B * H, N, Dk, Dk).unbind(1), G.view(B * H, N, Dk, Dv).unbind(1)):
         states.append(h)                                               # state entering chunk n
-        h = torch.baddbmm(G_n, P_n, h)                                  # h_{n+1} = P_n h_n + G_n
-    hs = torch.stack(states, dim=1).view(Z, Dk, Dv)
-    o = torch.baddbmm(MU, Qp, hs, beta=scale, alpha=scale)              # scale (MU + Qp hs): (Z,C,Dv)
-    o = o.view(B, H, N * chunk_size, Dv)[:, :, :T]
-    return o.to(q.dtype), h.view(B, H, Dk, Dv)
+        h = torch.baddbmm(G_n, P_n, h)                                  # h_{n+1} = P_n h_n + G_n: (BH,Dk,Dk)@(BH,Dk,Dv)
+    hs = torch.stack(states, dim=1).view(Z, Dk, Dv)                     # (BH,N,Dk,Dv) -> (Z,Dk,Dv)
+    o = torch.baddbmm(MU, Qp, hs, beta=scale, alpha=scale)              # scale (MU + Qp hs): (Z,C,Dk)@(Z,Dk,Dv)
+    o = o.view(B, H, N * chunk_size, Dv)[:, :, :T]                      # (Z,C,Dv) -> (B,H,N·C,Dv) -> (B,H,T,Dv)
+    return o.to(q.dtype), h.view(B, H, Dk, Dv)                          # (BH,Dk,Dv) -> (B,H,Dk,Dv)
 
 
 def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, scale: float,
@@ -164,14 +164,14 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
     del Tb
     if not for_backward:
         Tm = None                                                       # only the backward reads T again
-    U4, W4, K4 = Up.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
+    U4, W4, K4 = Up.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)  # (Z,C,·) -> (BH,N,C,·)
     hs = h.new_empty(BH, N, Dk, Dv)                                     # h_n, the state entering chunk n
     h = h.clone()                                                       # updated in place below
     for n in range(N):                                                  # the only sequential part, 2 matmuls/chunk
         hs[:, n] = h
         U4[:, n] -= torch.bmm(W4[:, n], h)                              # U' = U - W h_n: (BH,C,Dk)@(BH,Dk,Dv)
         h.baddbmm_(K4[:, n].mT, U4[:, n])                               # h_{n+1} = h_n + Kᵀ U': (BH,Dk,C)@(BH,C,Dv)
-    hs = hs.view(Z, Dk, Dv)
+    hs = hs.view(Z, Dk, Dv)                                             # (BH,N,Dk,Dv) -> (Z,Dk,Dv)
     if not for_backward:
         W = W4 = None
     # all outputs at once: O = s (M U' + Q h_n),  M = tril_incl(Q Kᵀ)
@@ -224,10 +224,11 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
     # decided here: inside Function.forward grad mode is always off and ctx.needs_input_grad ignores torch.no_grad()
     for_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta, h0))
-    o, h, hs = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0.reshape(B * H, Dk, Dv), scale, chunk_states, for_backward)
+    h0 = h0.reshape(B * H, Dk, Dv)                                      # (B,H,Dk,Dv) -> (BH,Dk,Dv)
+    o, h, hs = _ChunkedDeltaRule.apply(qz, kz, vz, bz, h0, scale, chunk_states, for_backward)
     o = o.view(B, H, N * chunk_size, Dv)                                # (B,H,N·C,Dv)
     if N * chunk_size != T:                                             # (a no-op slice still costs a zero-filled
         o = o[:, :, :T]                                                 # full-size gradient): drop padded rows
-    if chunk_states:
+    if chunk_states:                                                    # hs (Z,Dk,Dv) -> (B,H,N,Dk,Dv)
         return o.to(q.dtype), h.view(B, H, Dk, Dv), hs.view(B, H, N, Dk, Dv)
-    return o.to(q.dtype), h.view(B, H, Dk, Dv)
+    return o.to(q.dtype), h.view(B, H, Dk, Dv)                          # (BH,Dk,Dv) -> (B,H,Dk,Dv)

@@ -35,7 +35,7 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
     dUp = torch.bmm(M.mT, dos)                                          # s Mᵀ dO -> dU' in the scan: (Z,C,Dv)
     E = torch.bmm(qz.mT, dos).view(BH, N, Dk, Dv)                       # s Qᵀ dO: (Z,Dk,C)@(Z,C,Dv)
     # reverse scan: dU'_n = s Mᵀ dO_n + K_n dh_{n+1};  dh_n = dh_{n+1} + s Qᵀ dO_n - W_nᵀ dU'_n
-    dU4, W4, K4 = dUp.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)
+    dU4, W4, K4 = dUp.view(BH, N, C, Dv), W.view(BH, N, C, Dk), kz.view(BH, N, C, Dk)  # (Z,C,·) -> (BH,N,C,·)
     dhn = dhN.new_empty(BH, N, Dk, Dv)                                  # dh_{n+1}: the gradient leaving chunk n
     dh = dhN.clone(memory_format=torch.contiguous_format)              # updated in place below
     for n in range(N - 1, -1, -1):
@@ -43,8 +43,8 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
         dU4[:, n] += torch.bmm(K4[:, n], dh)                            # (BH,C,Dk)@(BH,Dk,Dv)
         dh.add_(E[:, n]).baddbmm_(W4[:, n].mT, dU4[:, n], alpha=-1.0)  # (BH,Dk,C)@(BH,C,Dv)
         if dh_chunks is not None:
-            dh.add_(dh_chunks.view(BH, N, Dk, Dv)[:, n])                # h_n is also read outside the kernel
-    dhn = dhn.view(Z, Dk, Dv)
+            dh.add_(dh_chunks.view(BH, N, Dk, Dv)[:, n])                # h_n is also read outside: (BH,Dk,Dv)
+    dhn = dhn.view(Z, Dk, Dv)                                           # (BH,N,Dk,Dv) -> (Z,Dk,Dv)
     del E                                                               # used up: its memory serves the next tensors
     dVb = torch.bmm(Tm.mT, dUp)                                         # Tᵀ dU': (Z,C,Dv)
     dM = torch.bmm(dos, Up.mT).tril_()                                  # dM = tril_incl(s dO U'ᵀ): (Z,C,C)
@@ -52,8 +52,8 @@ def chunk_backward(do: Tensor, dhN: Tensor, scale: float, qz: Tensor, kz: Tensor
     nKb = torch.bmm(dVb, hs.mT)                                         # -dKb = dVb h_nᵀ: (Z,C,Dk)
     dq = torch.bmm(dos, hs.mT).baddbmm_(dM, kz)                         # s dO h_nᵀ + dM K: (Z,C,Dk)
     dk = torch.bmm(Up, dhn.mT).baddbmm_(dM.mT, qz)                      # U' dh_{n+1}ᵀ + dMᵀ Q: (Z,C,Dk)
-    Yn = nKb.baddbmm_(nA, kz)                                           # -Y = -(dA K + dKb), in nKb's buffer
-    dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kz * bz, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb
+    Yn = nKb.baddbmm_(nA, kz)                                           # -Y = -(dA K + dKb): (Z,C,C)@(Z,C,Dk)
+    dk = dk.addcmul_(Yn, bz, value=-1.0).baddbmm_(nA.mT, kz * bz, alpha=-1.0)  # + diag(b) Y + dAᵀ Kb: (Z,C,Dk)
     # db_i = v_i·dVb_i + k_i·Y_i, row-wise dot products (einsum: no full-size product tensor in between)
     db = (torch.einsum("zcv,zcv->zc", dVb, vz) - torch.einsum("zck,zck->zc", Yn, kz)).unsqueeze(-1)  # (Z,C,1)
     return dq, dk, dVb.mul_(bz), db, dh                                # dV = diag(b) dVb, in place

@@ -18,6 +18,10 @@ Deviations from fla: the three depthwise convs are one depthwise conv over the c
 instead of fla's (N, channels, W); no gate, no allow_neg_eigval, no varlen/padding masks; the short conv keeps
 PyTorch's default init instead of fla's N(0, 0.02) (see __init__). Optional mimetic
 initialisation (`mimetic_init_`, on by default in ModelConfig): the layer starts as an induction (copy) circuit.
+
+REFINE's prefix states (method.md §1.4): `forward_recorded` runs the same pass and keeps a record (the layer input
+and the kernel's chunk-entry states), from which `snapshots` rebuilds the state after any position without
+re-running the prefix; `merge_records` joins the records of consecutive segments (checkpointed pieces).
 """
 from __future__ import annotations
 

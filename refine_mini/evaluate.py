@@ -19,7 +19,7 @@ Deviations from the paper's evaluation: a few samples per cell instead of 500 (R
 hundreds to a few thousand tokens instead of 4K-16K; our own generators (niah.py, qa.py) instead of lm-eval-harness /
 NVIDIA RULER parquets; NIAH outputs are cut at the first newline as QA's are (lm-eval scores NIAH on the whole
 128-token generation; niah.py gives the measured difference, 0-2.5 points); decoding therefore stops at the first
-newline (also at EOS), at most `max_new_tokens` (12 or 40) instead of 128.
+newline (also at EOS), at most `max_new_tokens` (NIAH 12 or 40, QA 32) instead of 128.
 
 Memory: CUDA reports torch.cuda.max_memory_allocated per context length (reset before each length); CPU reports the
 process peak RSS (`resource.getrusage`, monotone over the whole process: weights, Python and torch included), so the

@@ -114,7 +114,7 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     loss, nll, entropy = _FusedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                               row_weights.reshape(-1), block_rows, with_entropy,
                                               want_grad)  # (..., D) -> (N, D)
-    return loss, nll.view(shape), entropy.view(shape) if with_entropy else None
+    return loss, nll.view(shape), entropy.view(shape) if with_entropy else None  # (N,) -> (...)
 
 
 def head_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights=None,
@@ -123,11 +123,12 @@ def head_loss_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     logits = F.linear(hidden, weight)  # (..., D) @ (D, V) -> (..., V)
     logits = logits if logits.dtype == torch.float64 else logits.float()
     flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
-    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none").view(targets.shape)
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none")  # (N,)
+    nll = nll.view(targets.shape)  # (N,) -> (...)
     w = torch.ones_like(nll) if row_weights is None else row_weights.to(nll.dtype)
     loss = (w * nll).sum()  # ignored rows have nll 0
     entropy = None
     if with_entropy:
         logp = torch.log_softmax(flat.detach(), dim=-1)  # (N, V)
-        entropy = -(logp.exp() * logp).sum(-1).view(targets.shape)
+        entropy = -(logp.exp() * logp).sum(-1).view(targets.shape)  # (N,) -> (...)
     return loss, nll.detach(), entropy

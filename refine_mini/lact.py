@@ -19,6 +19,10 @@ Deviations:
 - `norm_eps` is accepted for parity with DeltaNet's constructor and unused: the block RMSNorms live in the
   model, and the TTT output norm uses the released eps 1e-5.
 Streaming: forward(x, state) on any segmentation equals one full pass (outputs and final state).
+REFINE's prefix states (method.md §1.4): `forward_recorded` keeps the fast weights after each complete chunk (the
+chunk history) and the per-token keys, values and rates, from which `snapshots` rebuilds the state after any
+position; states of rows at different positions are stacked in the ragged layout of lact_ragged.py
+(`ragged_state`), which batched rollouts decode from.
 """
 import math
 from dataclasses import dataclass
@@ -243,9 +247,9 @@ class LaCT(nn.Module):
 
         # (b) TTT branch on the same q, k, v (NoPE).
         fq, fk, fv, eta, mom = self.fast_inputs(x, q, k, v, state.w0.dtype)  # (B, T, Hf, .)
-        buffer = tuple(map(to_kernel, (state.buf_k, state.buf_v, state.buf_eta, state.buf_m)))
+        buffer = tuple(map(to_kernel, (state.buf_k, state.buf_v, state.buf_eta, state.buf_m)))  # (B, Hf, n_buf, .)
         o, ws, ms, buffer = lact_chunked(
-            to_kernel(fq), to_kernel(fk), to_kernel(fv), to_kernel(eta), to_kernel(mom),
+            to_kernel(fq), to_kernel(fk), to_kernel(fv), to_kernel(eta), to_kernel(mom),  # (B, Hf, T, .)
             (state.w0, state.w1, state.w2), (state.m0, state.m1, state.m2), (state.n0, state.n1, state.n2),
             buffer, self.chunk_size, self.use_momentum, self.use_muon, history)  # o (B, Hf, T, d)
         y = self.combine(x, attn, o.transpose(1, 2))  # (B, T, D)

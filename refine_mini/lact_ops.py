@@ -97,7 +97,7 @@ def newton_schulz5(x):
         gram = y @ y.mT  # (..., r, c) @ (..., c, r) -> (..., r, r)
         y = a * y + (b * gram + c * (gram @ gram)) @ y  # (..., r, r) @ (..., r, c) -> (..., r, c)
     if tall:
-        y = y.mT
+        y = y.mT  # back to (..., rows, cols)
     return y.to(x.dtype)
 
 

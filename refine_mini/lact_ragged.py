@@ -73,7 +73,7 @@ def _attend(layer, q, k, v, s: LaCTRaggedState):
     scores = torch.einsum("bqhd,bkhd->bhqk", qa, keys) * q.shape[-1] ** -0.5  # (B, Ha, 1, W)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), vals)  # (B, 1, Ha, dh)
-    return out.flatten(2), keys[:, 1:], vals[:, 1:], torch.clamp(s.n_kv + 1, max=W - 1)
+    return out.flatten(2), keys[:, 1:], vals[:, 1:], torch.clamp(s.n_kv + 1, max=W - 1)  # out (B, 1, Ha·dh)
 
 
 @autocast_off  # the fast weights in fp32 under bf16 autocast too, as lact_chunked
@@ -91,6 +91,7 @@ def _fast_step(layer, fq, fk, fv, eta, mom, s: LaCTRaggedState):
     n_buf = s.n_buf + 1
     full = n_buf == C  # (B,)
     if bool(full.any()):
+        # the buffered chunk (B, C, Hf, d) -> kernel layout (B, Hf, C, d)
         grads = closed_form_grads(*ws, buf_k.transpose(1, 2), buf_v.transpose(1, 2), buf_eta.transpose(1, 2))
         new_ws, new_ms = update_fast_weights(ws, ms, norms, grads, buf_m.mean(1), layer.use_momentum,
                                              layer.use_muon)  # mu: (B, C, Hf) -> (B, Hf)
@@ -113,6 +114,7 @@ def ragged_forward(layer, x, state: LaCTRaggedState):
     fq, fk, fv, eta, mom = (t.to(sd) for t in layer.fast_inputs(x, q, k, v, sd))  # (B, T, Hf, .)
     attn, outs = [], []
     for t in range(T):
+        # token t of q, k, v: (B, T, D) -> (B, 1, Ha, dh)
         a, swa_k, swa_v, n_kv = _attend(layer, *(z[:, t:t + 1].view(B, 1, Ha, dh) for z in (q, k, v)), state)
         o, fast = _fast_step(layer, fq[:, t], fk[:, t], fv[:, t], eta[:, t], mom[:, t], state)
         state = LaCTRaggedState(n0=state.n0, n1=state.n1, n2=state.n2, swa_k=swa_k, swa_v=swa_v, n_kv=n_kv,

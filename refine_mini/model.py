@@ -13,8 +13,9 @@ vectors REFINE's cosine reward compares (method.md §1.2, §5) -- *and* the new 
 
 The recurrent state is an explicit value, `ModelState` (state.py), one entry per layer.
 
-Memory switches (attributes, not config: they change no number): `fused_head` (on: losses without the (B, T, V)
-logits, head_loss.py) and `set_checkpointing` (off: activation checkpointing, whole blocks or pieces, `_run_block`).
+Memory switches (attributes, not config: they change numbers at rounding level only): `fused_head` (on: losses
+without the (B, T, V) logits, head_loss.py) and `set_checkpointing` (off: activation checkpointing, whole blocks or
+pieces, `_run_block`).
 Compute switch: `set_precision` ("fp32", the default; "bf16": every entry point -- encode, encode_recorded,
 snapshots, head, head_loss -- runs under bf16 autocast over the fp32 weights, the paper's setting, method.md §2).
 Under it the projections, MLPs and the LM head's matmuls run in bf16; the fast-weight kernels (`autocast_off`), the
@@ -275,6 +276,8 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
     """logits (B, V) -> token ids (B,): greedy at temperature 0, else a draw from softmax(logits / temperature)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    if generator is None:  # never torch's global RNG: one seed drives everything, through explicit generators
+        raise ValueError("sampling needs an explicit torch.Generator (common.make_generator)")
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if not bool(torch.isfinite(probs).all()):
         raise FloatingPointError("cannot sample from non-finite logits (NaN or inf weights or activations)")

@@ -63,9 +63,9 @@ def answer_batch(examples, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
 
 def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean CE over answer tokens only: position p predicts labels[:, p+1] (next_token_targets of the labels), through
-    the model's fused head loss: no (B, L, V) logits."""
-    hidden, _ = model.encode(tokens)  # (B, L, D)
-    targets = next_token_targets(labels)  # (B, L): labels shifted left, IGNORE on prompt tokens and at the end
+    the model's fused head loss: no (B, T, V) logits."""
+    hidden, _ = model.encode(tokens)  # (B, T, D)
+    targets = next_token_targets(labels)  # (B, T): labels shifted left, IGNORE on prompt tokens and at the end
     summed, _, _ = model.head_loss(hidden, targets)
     return summed / (targets != IGNORE).sum()
 

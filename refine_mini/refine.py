@@ -31,7 +31,8 @@ The "single" schedule runs ONE forward in all: the teacher-forced pass of step 1
 same values, the models have no dropout), and the prefix snapshots are rebuilt afterwards from its record
 (model.snapshots: DeltaNet from the kernel's chunk-entry states, LaCT from its chunk history).
 Deviations: the NTP term is the token-mean CE over all documents of the (mini-)batch (verl averages per micro-batch);
-documents are unpadded (right padding only for the no-grad teacher pass); see selection.py / grpo.py for theirs.
+see selection.py / grpo.py for theirs. Documents of unequal length are read as one right-padded batch (causal, so
+the padding changes nothing before it; padded positions get no NTP target, no rollout and no reward).
 """
 from dataclasses import dataclass
 
@@ -96,14 +97,14 @@ def as_documents(tokens) -> list[torch.Tensor]:
 def _ntp_targets(docs: list, width: int | None = None) -> torch.Tensor:
     """Next-token targets, position t of a document predicting its t+1: (ΣL,) for the concatenated documents, or
     (B, width) for the right-padded batch. Positions without a target (each document's last, and padding) get
-    IGNORE -- not [:-1] slices, whose backward would zero-fill a whole (L, V) tensor."""
+    IGNORE -- not [:-1] slices, whose backward would zero-fill a whole (T, V) tensor."""
     rows = [F.pad(doc[1:], (0, 1 + (width - len(doc) if width else 0)), value=IGNORE) for doc in docs]
     return torch.stack(rows) if width else torch.cat(rows)  # doc shifted left
 
 
 def _ntp_sum(logits: torch.Tensor, docs: list) -> torch.Tensor:
-    """Summed next-token CE from full logits (L, V) of one document: the reference path's plain form."""
-    return F.cross_entropy(logits, _ntp_targets(docs), ignore_index=IGNORE, reduction="sum")  # (L, V) vs (L,)
+    """Summed next-token CE from full logits (T, V) of one document: the reference path's plain form."""
+    return F.cross_entropy(logits, _ntp_targets(docs), ignore_index=IGNORE, reduction="sum")  # (T, V) vs (T,)
 
 
 def _reference_logp(model, docs, rollouts: Rollouts, detach_prefix: bool) -> torch.Tensor:
@@ -140,7 +141,7 @@ def refine_loss(model, docs: list, selection: Selection, rollouts: Rollouts, adv
             first_logits, snapshots = first_logits.detach(), [s.detach() for s in snapshots]
         logp = rollout_logp(model, first_logits, snapshots, rollouts.tokens, rollouts.n)  # (N, k)
     elif path == "reference":
-        ntp_sum = sum(_ntp_sum(model(doc[None])[0][0], [doc]) for doc in docs)  # (1, L, V) -> (L, V)
+        ntp_sum = sum(_ntp_sum(model(doc[None])[0][0], [doc]) for doc in docs)  # (1, T, V) -> (T, V)
         logp = _reference_logp(model, docs, rollouts, cfg.detach_prefix)  # (N, k)
     else:
         raise ValueError(f"unknown path {path!r}: choose 'fast' or 'reference'")
@@ -166,8 +167,7 @@ def _update(model, optimizer, loss, grad_clip: float) -> float:
     return clip_and_step(model, optimizer, grad_clip)  # skips the step on a non-finite grad norm
 
 
-def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Generator | None = None,
-                grad_clip: float = 1.0):
+def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Generator, grad_clip: float = 1.0):
     """One REFINE batch -> metrics dict ("single") or a list of dicts, one per optimizer step ("minibatch")."""
     docs = as_documents(tokens)
     device = docs[0].device

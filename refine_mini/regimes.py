@@ -87,7 +87,7 @@ def defaults(regime: str) -> RegimeConfig:
 # the flags that set a RegimeConfig field of the same name, and those that set a RefineConfig override
 RUN_FLAGS = ("max_steps", "batch_size", "seq_len", "lr", "seed", "grad_checkpoint", "checkpoint_segment", "precision",
              "data", "objective")
-REFINE_FLAGS = ("c", "k", "n", "selection", "reward", "schedule", "minibatches", "lambda_rl", "lambda_ntp")
+REFINE_FLAGS = ("c", "k", "n", "selection", "reward", "schedule", "minibatches", "lambda_rl")
 
 
 def resolve_config(args) -> RegimeConfig:

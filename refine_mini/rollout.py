@@ -52,7 +52,7 @@ class Rollouts:
 
 @dataclass
 class DocumentForward:
-    hidden: list  # per document (L_b, D): post-norm hidden states of the whole document (the NTP logits' input)
+    hidden: list  # per document (T_b, D): post-norm hidden states of the whole document (the NTP logits' input)
     first_logits: torch.Tensor  # (B·K, V) logits at each prefix end t: they give p(x̂_1)
     snapshots: list  # B·K ModelStates (batch 1): state after reading x_0..x_t (attached when built with grad)
     ntp_sum: torch.Tensor | None = None  # summed NTP cross-entropy of the documents (with grad), if the caller has it
@@ -64,21 +64,21 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def segmented_forward(model, doc: torch.Tensor, positions: torch.Tensor):
-    """One streaming pass over doc (L,) split after each position t_1 <= ... <= t_K (segment calls carry the state).
+    """One streaming pass over doc (T,) split after each position t_1 <= ... <= t_K (segment calls carry the state).
 
-    Returns the hidden states (L, D) of the whole document and K snapshots (state after reading x_0..x_{t_j}).
+    Returns the hidden states (T, D) of the whole document and K snapshots (state after reading x_0..x_{t_j}).
     Equal positions give an empty segment: the snapshot is then the previous one. No LM head here: the caller
     applies model.head where it needs logits (all positions for NTP, the K prefix ends for x̂_1).
     """
-    L = doc.shape[0]
+    T = doc.shape[0]
     state, start, hidden, snapshots = None, 0, [], []
-    for t in positions.tolist() + [L - 1]:  # segment j covers [start, t]; the last one runs to the document end
+    for t in positions.tolist() + [T - 1]:  # segment j covers [start, t]; the last one runs to the document end
         if t + 1 > start:
             seg_hidden, state = model.encode(doc[None, start:t + 1], state)  # (1, S, D)
             hidden.append(seg_hidden[0])
             start = t + 1
         snapshots.append(state)
-    return torch.cat(hidden), snapshots[:-1]  # (L, D), K states
+    return torch.cat(hidden), snapshots[:-1]  # (T, D), K states
 
 
 def document_forward(model, docs: list, positions: torch.Tensor) -> DocumentForward:
@@ -109,7 +109,7 @@ def recorded_forward(model, full: torch.Tensor, records: list, lengths: list, po
 
 
 def _assemble(model, hidden: list, positions: torch.Tensor, snapshots: list, ntp_sum=None) -> DocumentForward:
-    ends = torch.cat([h[p] for h, p in zip(hidden, positions)])  # (L_b, D) index (K,) -> (B·K, D)
+    ends = torch.cat([h[p] for h, p in zip(hidden, positions)])  # (T_b, D) index (K,) -> (B·K, D)
     return DocumentForward(hidden=hidden, first_logits=model.head(ends), snapshots=snapshots,  # (B·K, V)
                            ntp_sum=ntp_sum)
 
@@ -162,14 +162,14 @@ def _decode(model, state: ModelState, first_logits: torch.Tensor, k: int, n: int
 
 @torch.no_grad()
 def sample_from_states(model, states: list, first_logits: torch.Tensor, k: int, n: int,
-                       generator: torch.Generator | None):
+                       generator: torch.Generator):
     """States (S of batch 1) + logits at each prefix end (S, V) -> tokens (S·n, k), old_logp (S·n, k), h_pred."""
     with eval_mode(model):
         return _decode(model, stack_states(model, states), first_logits, k, n, generator)  # one batch of S·n forks
 
 
 def sample_rollouts(model, fwd: DocumentForward, positions: torch.Tensor, k: int, n: int,
-                    generator: torch.Generator | None) -> Rollouts:
+                    generator: torch.Generator) -> Rollouts:
     """Rollouts from DETACHED copies of a document_forward's snapshots (the forward itself is not re-run)."""
     B, K = positions.shape
     tokens, old_logp, h_pred = sample_from_states(model, [s.detach() for s in fwd.snapshots],
@@ -180,8 +180,8 @@ def sample_rollouts(model, fwd: DocumentForward, positions: torch.Tensor, k: int
 
 
 @torch.no_grad()
-def rollouts_forked(model, docs: list, positions: torch.Tensor, k: int, n: int = 1,
-                    generator: torch.Generator | None = None) -> Rollouts:
+def rollouts_forked(model, docs: list, positions: torch.Tensor, k: int, n: int,
+                    generator: torch.Generator) -> Rollouts:
     """The fast rollout phase on its own: one no-grad batched pass (snapshots rebuilt from it), then forked decoding."""
     with eval_mode(model):
         fwd = document_forward(model, docs, positions)
@@ -189,8 +189,8 @@ def rollouts_forked(model, docs: list, positions: torch.Tensor, k: int, n: int =
 
 
 @torch.no_grad()
-def rollouts_reference(model, docs: list, positions: torch.Tensor, k: int, n: int = 1,
-                       generator: torch.Generator | None = None) -> Rollouts:
+def rollouts_reference(model, docs: list, positions: torch.Tensor, k: int, n: int,
+                       generator: torch.Generator) -> Rollouts:
     """The official rollout phase: every prefix re-encoded from scratch, twice (generate, then old-logp pass)."""
     tokens, old_logp, h_pred = [], [], []
     with eval_mode(model):
@@ -206,7 +206,7 @@ def rollouts_reference(model, docs: list, positions: torch.Tensor, k: int, n: in
     B, K = positions.shape
     doc = torch.arange(B, device=positions.device).repeat_interleave(K * n)  # (N,)
     return Rollouts(tokens=torch.cat(tokens), old_logp=torch.cat(old_logp), h_pred=torch.cat(h_pred), doc=doc,
-                    pos=positions.reshape(-1).repeat_interleave(n), n=n)
+                    pos=positions.reshape(-1).repeat_interleave(n), n=n)  # (B, K) -> (B·K,) -> (N,)
 
 
 def rollout_logp(model, first_logits: torch.Tensor, snapshots: list, tokens: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """REFINE steps 1-2: which positions of a document get a rollout? (method.md §1.2, §1.3, §2, §8.6, §9)
 
-One no-grad teacher-forced pass (model.eval()) over the documents gives, at every position t,
+One teacher-forced pass over the documents (refine.py: the training forward itself in the default "single"
+schedule, its values read detached; else a separate no-grad pass in eval mode) gives, at every position t,
   e_t = H(softmax(logits_t)) in nats: the entropy of predicting x_{t+1}. This is the code's convention (§1.2): the
         prefix ends at t, so a position is weighted by how uncertain the FIRST rollout token is (the paper's
         formula is off by one; smoothing hides most of the difference);
@@ -123,6 +124,8 @@ def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: in
         raise ValueError(f"unknown selection mode {mode!r}: choose one of {MODES}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    if generator is None and mode in ("entropy", "uniform"):  # never torch's global RNG (model.sample_token)
+        raise ValueError(f"selection mode {mode!r} samples: it needs an explicit torch.Generator")
     if not bool(torch.isfinite(entropy).all()):
         raise FloatingPointError("non-finite next-token entropies (the logits overflowed); stopping")
     smoothed = smooth_entropy(entropy, lengths, smoothing_kernel(k) if kernel is None else kernel)  # (B, T)
@@ -136,7 +139,7 @@ def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: in
         elif mode == "argmin":
             offset = raw.argmin(dim=1)  # (c,)
         else:
-            scores = smoothed[b, :c * C].reshape(c, C) / tau if mode == "entropy" else torch.zeros_like(raw)
+            scores = smoothed[b, :c * C].reshape(c, C) / tau if mode == "entropy" else torch.zeros_like(raw)  # (c, C)
             probs = torch.softmax(scores.float(), dim=1)  # p_j(t) = exp(ẽ_t/τ) / sum_{t' in chunk j} exp(ẽ_t'/τ)
             offset = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (c, 1) -> (c,)
         t = offset + torch.arange(c, device=offset.device) * C  # chunk offset -> absolute position, (c,)

@@ -55,7 +55,7 @@ class TrainConfig:
     eval_batches: int = 4  # validation batches (fixed, drawn once)
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     seed: int = 0  # drives the model init, the data stream and every sampler
-    compile: bool = False  # torch.compile the model (auto: on for CUDA, off for CPU)
+    compile: bool = False  # torch.compile model.encode (train.py's --compile auto turns it on for CUDA)
     grad_checkpoint: bool = False  # activation checkpointing per block (FastWeightLM.set_checkpointing)
     checkpoint_segment: int = 0  # ... on pieces of this many tokens (0: whole sequences)
     precision: str = "fp32"  # fp32 | bf16 (autocast over fp32 weights, FastWeightLM.set_precision)
@@ -104,7 +104,7 @@ def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     form of what ntp_loss_from_hidden computes blockwise (tests compare the two)."""
     nll = F.cross_entropy(logits.flatten(0, 1), next_token_targets(tokens).flatten(), ignore_index=IGNORE,
                           reduction="none")  # (B*T, V) vs (B*T,) -> (B*T,)
-    return nll.view(tokens.shape)
+    return nll.view(tokens.shape)  # (B*T,) -> (B, T)
 
 
 def ntp_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ def _inverse_by_doubling(A: Tensor) -> Tensor:
     Tm = X + torch.eye(s, dtype=A.dtype, device=A.device)               # I + X
     for _ in range(max(0, (s - 1).bit_length() - 1)):
         X = X @ X                                                       # X^(2^j): (.., s, s)
-        Tm = torch.baddbmm(Tm.flatten(0, -3), Tm.flatten(0, -3), X.flatten(0, -3)).view(Tm.shape)  # T (I + X^(2^j))
+        # T (I + X^(2^j)) as one batched matmul: (.., s, s) -> (batch, s, s) -> back to (.., s, s)
+        Tm = torch.baddbmm(Tm.flatten(0, -3), Tm.flatten(0, -3), X.flatten(0, -3)).view(Tm.shape)
     return Tm
 
 
@@ -40,6 +41,7 @@ def _diag_blocks(X: Tensor, s: int) -> Tensor:
 
 def _lower_left_blocks(X: Tensor, s: int) -> Tensor:
     """The lower-left s x s block of each diagonal 2s x 2s block of X (.., n, n), as a view (.., n/2s, s, s)."""
+    # (.., n/2s, 2s, 2s) -> (.., n/2s, 2, s, 2, s) -> row half 1, column half 0: (.., n/2s, s, s)
     return _diag_blocks(X, 2 * s).unflatten(-1, (2, s)).unflatten(-3, (2, s))[..., 1, :, 0, :]
 
 
@@ -103,8 +105,8 @@ def ut_factor(kz: Tensor, bz: Tensor, base: int = 16) -> Tensor:
         merged = Td.new_empty(Z, T1.shape[1], 2 * s, 2 * s)             # (Z,m,2s,2s)
         merged[..., :s, :s] = T1
         merged[..., :s, s:] = 0.0
-        merged[..., s:, :s] = torch.matmul(torch.matmul(T2, A21), T1).neg_()  # -T2 A21 T1
+        merged[..., s:, :s] = torch.matmul(torch.matmul(T2, A21), T1).neg_()  # -T2 A21 T1: (Z,m,s,s)
         merged[..., s:, s:] = T2
         Td, s = merged, 2 * s
-    Tm = Td.view(Z, Cp, Cp)
+    Tm = Td.view(Z, Cp, Cp)                                             # one block (Z,1,Cp,Cp) -> (Z,Cp,Cp)
     return Tm[:, :C, :C] if Cp != C else Tm

@@ -175,7 +175,7 @@ def test_bad_config_and_inputs_raise_value_error():
     model = make_model("deltanet")
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError):
-        refine_step(model, optimizer, torch.randint(0, 64, (2, 6)), RefineConfig(c=8, k=5))
+        refine_step(model, optimizer, torch.randint(0, 64, (2, 6)), RefineConfig(c=8, k=5), torch.Generator())
 
 
 def test_ntp_term_is_the_token_mean_over_next_token_targets():

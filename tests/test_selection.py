@@ -164,3 +164,20 @@ def test_selection_temperature_divides_the_entropy():
                            generator=torch.Generator().manual_seed(0), min_prefix=1, end_margin=1)
     freq = torch.bincount(sel.positions[:, 0], minlength=4).double() / rows
     torch.testing.assert_close(freq, torch.tensor([1, 1, 2, 4], dtype=torch.float64) / 8, atol=0.03, rtol=0)
+
+
+def test_sampling_without_an_explicit_generator_is_refused():
+    """One seed drives everything: a sampler handed no generator would draw from torch's global RNG instead."""
+    from refine_mini.model import sample_token
+    entropy, lengths = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([64, 64])
+    for mode in ("entropy", "uniform"):
+        with pytest.raises(ValueError, match="explicit torch.Generator"):
+            select_positions(entropy, lengths, 4, 3, mode)
+    for mode in ("argmax", "argmin"):  # deterministic modes need none
+        assert select_positions(entropy, lengths, 4, 3, mode).positions.shape == (2, 4)
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="explicit torch.Generator"):
+        sample_token(logits, 1.0, None)
+    assert torch.equal(sample_token(logits, 0.0, None), logits.argmax(-1))  # greedy needs none
+    draws = [sample_token(logits, 1.0, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*draws)  # the generator alone decides the draw
