@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 (default), or bf16: autocast over fp32 weights, the paper's setting; the fast-weight "
                         "kernels and losses stay fp32 (README, Design notes)")
     p.add_argument("--grad-checkpoint", action="store_true",
-                   help="recompute each block's activations in the backward (the paper's setting): 1.8-3.6x less "
-                        "memory for 20-40 %% more time (README, Design notes)")
+                   help="recompute each block's activations in the backward (the paper's setting): 2-3.6x less "
+                        "memory for 15-65 %% more time (README, Design notes)")
     p.add_argument("--checkpoint-segment", type=int, metavar="N",
                    help="checkpoint each block on N-token pieces, one after another (implies --grad-checkpoint; "
                         "a multiple of the chunk size, e.g. 2048): less memory again at long context")

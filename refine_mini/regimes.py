@@ -20,7 +20,7 @@ Deviation: verl decays every parameter; we exempt norm gains and other 1-D vecto
 Deviation: the paper's LR is 1e-6 (0.76-1.3B models); our ~2M-parameter models (peak LR 3e-3, cosine to 3e-4) would
 not move in tens of steps. Mid-training uses 1e-4 (1/3 of the last pre-training LR), post-training 3e-5 (--lr): it
 teaches no new format (half the pre-training documents are task prompts with answers), and larger LRs undo the base
-("What to expect" in the README: MV-NIAH 56 % -> 19-28 % at 3e-4).
+("What to expect" in the README: MV-NIAH 41 % -> 25 % and MQ-NIAH 50 % -> 25-28 % at 3e-4).
 
 Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
 opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns; in mid-training
