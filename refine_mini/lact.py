@@ -175,14 +175,13 @@ class LaCT(nn.Module):
         return to_ragged(state, self.chunk_size, self.window)
 
     def forward(self, x, state=None):
-        y, new_state, _ = self._run(x, state)
+        y, new_state, _, _ = self._run(x, state)
         return y, new_state
 
     def forward_recorded(self, x, state=None):
         """forward(x, state) plus a record from which `snapshots` rebuilds the state after any position: (y, state,
         record). From the start (state None), or a later segment of a pass whose records `merge_records` joins."""
-        history = []
-        y, final, inputs = self._run(x, state, history)
+        y, final, inputs, history = self._run(x, state, with_history=True)
         return y, final, (history, final, inputs)
 
     def merge_records(self, records: list):
@@ -220,15 +219,16 @@ class LaCT(nn.Module):
                                        swa_v=va[r, lo:t + 1].clone(), pos=t + 1))
         return snaps
 
-    def _run(self, x, state, history=None):
-        """forward, plus what snapshots need: post-RoPE keys/values (B, n_kv + T, Ha, dh) and the fast inputs."""
+    def _run(self, x, state, with_history=False):
+        """forward, plus what snapshots need: post-RoPE keys/values (B, n_kv + T, Ha, dh), the fast inputs and (with
+        with_history) the fast weights entering each chunk: (y, state, inputs, history or None)."""
         B, T, D = x.shape
         if D != self.d_model or T < 1:
             raise ValueError(f"expected x of shape (B, T>=1, {self.d_model}), got {tuple(x.shape)}")
         if state is None:
             state = self.initial_state(B, x.dtype, x.device)
         if isinstance(state, LaCTRaggedState):  # stacked rows at different positions (rollouts)
-            return (*ragged_forward(self, x, state), None)
+            return (*ragged_forward(self, x, state), None, None)
         if state.w0.shape[0] != B:
             raise ValueError(f"state batch {state.w0.shape[0]} != input batch {B}")
         Ha, dh = self.n_heads_attn, self.head_dim_attn
@@ -248,14 +248,14 @@ class LaCT(nn.Module):
         # (b) TTT branch on the same q, k, v (NoPE).
         fq, fk, fv, eta, mom = self.fast_inputs(x, q, k, v, state.w0.dtype)  # (B, T, Hf, .)
         buffer = tuple(map(to_kernel, (state.buf_k, state.buf_v, state.buf_eta, state.buf_m)))  # (B, Hf, n_buf, .)
-        o, ws, ms, buffer = lact_chunked(
+        o, ws, ms, buffer, history = lact_chunked(
             to_kernel(fq), to_kernel(fk), to_kernel(fv), to_kernel(eta), to_kernel(mom),  # (B, Hf, T, .)
             (state.w0, state.w1, state.w2), (state.m0, state.m1, state.m2), (state.n0, state.n1, state.n2),
-            buffer, self.chunk_size, self.use_momentum, self.use_muon, history)  # o (B, Hf, T, d)
+            buffer, self.chunk_size, self.use_momentum, self.use_muon, with_history)  # o (B, Hf, T, d)
         y = self.combine(x, attn, o.transpose(1, 2))  # (B, T, D)
 
         # back to (B, n_buf, Hf, ...); copies, as views would keep the whole (B, T, ...) inputs alive in the state
         buf_k, buf_v, buf_eta, buf_m, swa_k, swa_v = (t.clone() for t in (*map(to_kernel, buffer), swa_k, swa_v))
         new_state = LaCTState(*ws, *ms, state.n0, state.n1, state.n2, buf_k=buf_k, buf_v=buf_v,
                               buf_eta=buf_eta, buf_m=buf_m, swa_k=swa_k, swa_v=swa_v, pos=state.pos + T)
-        return y, new_state, (ka, va, fk, fv, eta, mom)
+        return y, new_state, (ka, va, fk, fv, eta, mom), history

@@ -122,7 +122,7 @@ def update_fast_weights(weights, momenta, norms, grads, mu, use_momentum, use_mu
 
 @autocast_off
 def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
-                 use_momentum=True, use_muon=False, history=None):
+                 use_momentum=True, use_muon=False, with_history=False):
     """Streaming apply-then-update over chunks (closed-form gradients).
 
     q, k, v (B, H, T, d); eta (B, H, T, 3); m (B, H, T). weights (W0, W1, W2), momenta (M0, M1, M2),
@@ -130,7 +130,8 @@ def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
     (B, H, n_buf, ...): those tokens were already applied by an earlier call and start at a chunk boundary.
     Returns o (B, H, T, d) in q.dtype, new weights, new momenta, new buffer (the tokens after the last
     complete chunk). Every complete chunk is used for an update, the last one included.
-    `history`, a list, receives (weights, momenta) before the first update and after every update (for snapshots).
+    The fifth value, history, is None unless with_history: then [(weights, momenta)] before the first update and
+    after every update, the fast weights entering each chunk (LaCT.snapshots rebuilds prefix states from it).
     """
     if q.shape[2] < 1:
         raise ValueError("lact_chunked needs at least one token")
@@ -146,8 +147,7 @@ def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
     queries = q.to(dt)  # (B,H,T,d); token t of this call sits at index n_buf + t of keys
     N = keys.shape[2]
     outs, done = [], 0
-    if history is not None:
-        history.append((weights, momenta))
+    history = [(weights, momenta)] if with_history else None
     for start in range(0, N, C):
         end = min(start + C, N)
         q_lo, q_hi = max(start, n_buf) - n_buf, end - n_buf  # this call's queries inside the chunk
@@ -164,7 +164,7 @@ def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
                 history.append((weights, momenta))
     buffer = (keys[:, :, done:], vals[:, :, done:], lrs[:, :, done:], moms[:, :, done:])
     o = torch.cat(outs, 2).to(q.dtype)  # (B,H,T,d)
-    return o, weights, momenta, buffer
+    return o, weights, momenta, buffer, history
 
 
 @autocast_off

@@ -43,7 +43,7 @@ def run_chunked(q, k, v, eta, m, ws, C, splits=(), use_momentum=True, use_muon=F
     outs = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         s = slice(lo, hi)
-        o, ws, moms, buf = lact_chunked(q[:, :, s], k[:, :, s], v[:, :, s], eta[:, :, s], m[:, :, s],
+        o, ws, moms, buf, _ = lact_chunked(q[:, :, s], k[:, :, s], v[:, :, s], eta[:, :, s], m[:, :, s],
                                         ws, moms, norms, buf, C, use_momentum, use_muon)
         outs.append(o)
     return torch.cat(outs, 2), ws
@@ -121,7 +121,7 @@ def test_row_norms_preserved(muon):
     w_now = ws
     for c in range(4):  # one complete chunk per call -> one update per call
         s = slice(c * C, (c + 1) * C)
-        _, w_now, moms, buf = lact_chunked(q[:, :, s], k[:, :, s], v[:, :, s], eta[:, :, s], m[:, :, s],
+        _, w_now, moms, buf, _ = lact_chunked(q[:, :, s], k[:, :, s], v[:, :, s], eta[:, :, s], m[:, :, s],
                                            w_now, moms, norms, buf, C, True, muon)
         for w, n in zip(w_now, norms):
             assert ((w.norm(dim=-1, keepdim=True) - n).abs() / n).max() < 1e-4
