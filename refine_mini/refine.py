@@ -95,7 +95,7 @@ def as_documents(tokens) -> list[torch.Tensor]:
 
 
 def _ntp_targets(docs: list, width: int | None = None) -> torch.Tensor:
-    """Next-token targets, position t of a document predicting its t+1: (ΣL,) for the concatenated documents, or
+    """Next-token targets, position t of a document predicting its t+1: (ΣT_b,) for the concatenated documents, or
     (B, width) for the right-padded batch. Positions without a target (each document's last, and padding) get
     IGNORE -- not [:-1] slices, whose backward would zero-fill a whole (T, V) tensor."""
     rows = [F.pad(doc[1:], (0, 1 + (width - len(doc) if width else 0)), value=IGNORE) for doc in docs]
