@@ -30,6 +30,7 @@ missing / corrupted checkpoint, a run folder without ckpt.pt) is a one-line erro
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -39,9 +40,9 @@ import torch
 from tqdm import tqdm
 
 from refine_mini.common import (PRECISIONS, CheckpointError, fail, keep_freed_memory, out_of_memory, pick_device,
-                                run_dir, set_seed, write_atomic)
-from refine_mini.evaluate import (TASK_NAMES, check_grid, default_depths, default_lengths, eval_row, find_runs,
-                                  load_run, peak_memory, reset_peak_memory)
+                                set_seed, write_atomic)
+from refine_mini.evaluate import (TASK_NAMES, check_grid, check_plot_path, check_results_path, default_depths,
+                                  default_lengths, eval_row, find_runs, load_run, peak_memory, reset_peak_memory)
 from refine_mini.heatmap import render_heatmap, render_table, require_matplotlib, save_png, use_color
 
 GRID_TASK = "s_niah"  # the heatmap task of the default plan
@@ -96,7 +97,11 @@ def resolve_runs(args, device) -> list:
              "python train.py --model deltanet --regime pretrain   (or pass --ckpt PATH)")
     runs = []
     for path in paths:
-        if path.is_dir() and not (path / "ckpt.pt").is_file():
+        try:
+            folder_of_runs = path.is_dir() and not (path / "ckpt.pt").is_file()
+        except OSError:  # a name too long, say: load_run's checkpoint error names it
+            folder_of_runs = False
+        if folder_of_runs:
             inside = find_runs(path)  # a folder of runs (runs/ itself): --runs is the flag for that
             fail(f"{path} is a folder of {len(inside)} run(s); evaluate them all with --runs {path}" if inside else
                  f"run folder {path} holds no ckpt.pt (train it first, or pass the checkpoint file)")
@@ -208,23 +213,6 @@ def default_out(runs, runs_root) -> Path:
     return (path if path.is_dir() else path.parent) / "eval_niah.json"
 
 
-def check_writable(path: Path) -> None:
-    """The results file can be written where asked (one-line error and exit 2 otherwise)."""
-    if path.is_dir():
-        fail(f"--out {path} is a folder; give a file name such as {path / 'eval_niah.json'}")
-    if path.is_file():  # overwrite an earlier results file, never anything else (a checkpoint, say)
-        try:
-            ours = isinstance(json.loads(path.read_text()), dict)
-        except ValueError:  # not JSON, or not text (UnicodeDecodeError)
-            ours = False
-        if not ours:
-            fail(f"--out {path} exists and is not a JSON results file; refusing to overwrite it")
-    try:
-        run_dir(path.parent)  # creates the folder and tries a write
-    except ValueError as e:
-        fail(f"--out {path}: {e}")
-
-
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.plot:
@@ -240,14 +228,18 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
     if args.threads is not None:
-        if args.threads < 1:
-            fail(f"--threads must be >= 1, got {args.threads}")
+        if not 1 <= args.threads <= 4 * (os.cpu_count() or 1):
+            fail(f"--threads must be in [1, {4 * (os.cpu_count() or 1)}] (4 per CPU), got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
         runs = resolve_runs(args, device)
         out = Path(args.out) if args.out else default_out(runs, args.runs)
-        check_writable(out)  # before minutes of evaluation, not after
+        check_results_path(out)  # before minutes of evaluation, not after
+        if args.plot:
+            check_plot_path(Path(args.plot), out)
         plan, grid = make_plan(args, runs)
+    except ValueError as e:
+        fail(str(e))
     except KeyboardInterrupt:  # loading many runs can take a while
         fail("interrupted; nothing was written", code=130)
     print(f"evaluating {len(runs)} run(s) on {device}: {', '.join(grid['grid_tasks'])} at lengths {grid['lengths']} "
@@ -275,13 +267,14 @@ def main(argv=None) -> dict:
             "protocol": "method.md §6, scaled down (see refine_mini/evaluate.py)"}
     results = {"meta": meta, "grid": grid, "runs": records, "cells": cells}
     report(results, use_color(args.no_color))
-    write_atomic(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    write_atomic(out, lambda f: f.write(json.dumps(results, indent=1).encode()))  # makes the folders
     print(f"\nresults: {out}  ({len(cells)} cells, {results['meta']['seconds']} s)")
     if args.plot:
         labels = list(dict.fromkeys(c["label"] for c in cells if c["task"] in grid["grid_tasks"]))
         panels = [[(f"{r['name']}: {label}", {(c["length"], c["depth"]): c["score"] for c in cells
                                               if c["run"] == r["name"] and c["label"] == label}) for label in labels]
                   for r in records]  # one row of panels per run, one column per task
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         save_png(args.plot, panels, grid["lengths"], grid["depths"])
         print(f"plot: {args.plot}")
     return results

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, fail, keep_freed_memory, load_checkpoint,
-                                out_of_memory, pick_device, run_dir, set_seed)
+from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, check_lr, fail, keep_freed_memory,
+                                load_checkpoint, out_of_memory, pick_device, run_dir, set_seed)
 from refine_mini.model import ModelConfig
 from refine_mini.resume import configure, given_flags, saved_config
 from refine_mini.trainer import TrainConfig, pretrain
@@ -96,10 +96,12 @@ def check_args(args) -> None:
     for name in ("max_steps", "seq_len", "batch_size", "checkpoint_segment"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name, low in (("lr", "> 0"), ("answer_weight", "> 0"), ("lambda_rl", ">= 0")):
+    check_lr(args.lr)
+    for name, low in (("answer_weight", "> 0"), ("lambda_rl", ">= 0")):
         value = getattr(args, name)
         if value is not None and not (value < FP32_MAX and (value > 0 if low == "> 0" else value >= 0)):
             raise ValueError(f"--{name.replace('_', '-')} must be {low} and finite in float32, got {value}")
+    check_batch_tokens(args)
     if args.regime == "pretrain":
         given = [name for name in REFINE_ONLY if getattr(args, name) is not None]
         if given:
@@ -108,12 +110,32 @@ def check_args(args) -> None:
         raise ValueError("--answer-weight is a pretrain flag; mid and post use REFINE's own loss weights")
 
 
+# Tokens in one batch (--batch-size x --seq-len). Past 4M, one NTP step of the default model needs ~25 GB of
+# activations even checkpointed in pieces (6 KB a token, bench/memory.py), and the built-in corpus takes a minute to
+# write each batch: a mistyped size (--seq-len 1000000000) fails at once instead.
+MAX_BATCH_TOKENS = 2 ** 22
+
+
+def check_batch_tokens(args) -> None:
+    """--batch-size x --seq-len, each flag not given at its regime's default (512 tokens for a base's seq_len)."""
+    if args.regime == "pretrain":
+        default = TrainConfig()
+    else:
+        from refine_mini.regimes import defaults
+        default = defaults(args.regime)
+    batch, seq_len = args.batch_size or default.batch_size, args.seq_len or default.seq_len or 512
+    if batch * seq_len > MAX_BATCH_TOKENS:
+        raise ValueError(f"--batch-size x --seq-len = {batch:,} x {seq_len:,} tokens a batch; at most "
+                         f"{MAX_BATCH_TOKENS:,} (train.py, MAX_BATCH_TOKENS)")
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     out = Path(args.out or f"runs/{args.model}-{args.regime}")
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # what run_dir will create, deepest first
+    made = []  # the folders run_dir will create, deepest first
     try:
         check_args(args)
+        made = [folder for folder in (out, *out.parents) if not folder.exists()]
         device = pick_device(args.device)
         if args.resume and not (out / "ckpt.pt").is_file():
             raise ValueError(f"--resume: {out} holds no checkpoint (ckpt.pt) to resume")
@@ -123,7 +145,7 @@ def main(argv=None) -> dict:
         if device.type == "cpu":
             keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
         set_seed(0 if args.seed is None else args.seed)  # a resumed run then restores its saved RNG states
-        args.data = str(Path(args.data).resolve()) if args.data else None  # recorded, and compared on --resume
+        args.data = resolved(args.data) if args.data else None  # recorded, and compared on --resume
         run_dir(out)
         if args.regime == "pretrain":
             return run_pretrain(args, out, device)
@@ -141,14 +163,29 @@ def main(argv=None) -> dict:
         fail(f"interrupted; {kept(out)}", code=130)
     finally:  # a run that failed before writing anything (bad --data, say) leaves no empty folder behind
         for folder in made:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            try:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            except OSError:  # a name too long, say: nothing was made there
+                pass
+
+
+def resolved(path: str) -> str:
+    """The absolute path, symlinks followed; a ValueError for a symlink loop (RuntimeError before Python 3.13)."""
+    try:
+        return str(Path(path).resolve())
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"--data {path}: {e}") from None
 
 
 def kept(out: Path) -> str:
-    """What a run stopped by an error, a NaN or Ctrl-C leaves behind in `out`. (A base pre-training that a mid/post run
-    started and that was stopped is finished by the next such run: common.base_checkpoint.)"""
-    if (out / "ckpt.pt").is_file():
+    """What a run stopped by an error, a NaN or Ctrl-C leaves behind in `out`. (A base pre-training that a mid/post
+    run started and that was stopped is finished by the next such run: common.base_checkpoint.)"""
+    try:
+        saved = (out / "ckpt.pt").is_file()
+    except OSError:  # a name too long: nothing could be written there either
+        saved = False
+    if saved:
         return f"the last checkpoint in {out} is kept (--resume continues from it)"
     return f"no checkpoint was saved in {out} yet (run again without --resume)"
 

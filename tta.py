@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from refine_mini import tokenizer
-from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory,
+from refine_mini.common import (PRECISIONS, CheckpointError, check_lr, checkpoint_seq_len, fail, keep_freed_memory,
                                 load_checkpoint, out_of_memory, pick_device, set_seed)
 from refine_mini.niah import TASKS, check_prompt_budget, make_task_examples
 from refine_mini.posttrain import score_examples
@@ -123,8 +123,7 @@ def main(argv=None) -> dict:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if args.samples % args.batch_size:  # whole batches only, as the official loader (drop_last=True)
             raise ValueError(f"--samples ({args.samples}) must be a multiple of --batch-size ({args.batch_size})")
-        if not (0 < args.lr < FP32_MAX):
-            raise ValueError(f"--lr must be > 0 and finite in float32, got {args.lr}")
+        check_lr(args.lr)
         if args.sft_steps > args.batch_size:
             raise ValueError(f"--sft-steps ({args.sft_steps}) cannot exceed --batch-size ({args.batch_size}): "
                              f"each step takes at least one prompt")

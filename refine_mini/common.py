@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
-FP32_MAX = torch.finfo(torch.float32).max  # bound of --lr and the loss weights: past it AdamW's fp32 step overflows
+FP32_MAX = torch.finfo(torch.float32).max  # bound of the loss weights: past it the fp32 loss overflows
+MAX_LR = FP32_MAX / 20  # AdamW's first step is lr / (1 - beta1) = 10 lr at beta1 0.9: it must stay finite in fp32
 PRECISIONS = ("fp32", "bf16")  # fp32 throughout, or bf16 autocast over fp32 weights (method.md §2, "precision")
 
 
@@ -61,6 +62,13 @@ def autocast_off(kernel):
     return run
 
 
+def check_lr(lr: float | None) -> None:
+    """--lr > 0 and small enough that AdamW's first step (lr / (1 - beta1)) is finite in float32 (train.py, tta.py)."""
+    if lr is not None and not 0 < lr < MAX_LR:
+        raise ValueError(f"--lr must be > 0 and below {MAX_LR:.2g} (AdamW divides it by 1 - beta1 in float32), "
+                         f"got {lr}")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """auto (CUDA when present), cpu, cuda or cuda:N; anything else is a ValueError."""
     if name == "auto":
@@ -82,12 +90,10 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Ask glibc's malloc to keep freed blocks below `limit` bytes for reuse instead of handing them back to the OS.
 
     Why: by default glibc gives each block above a dynamic threshold (128 KiB, at most 32 MiB) its own mmap, unmaps it
-    on free, and trims the heap top. A training step allocates and frees the same large tensors (activations of
-    several MB each) every time, so each step page-faults them all back in: about 140 000 faults (570 MB) per default
-    DeltaNet NTP step as measured before the fused head loss, a fifth to a third of its time on 2 cores (README).
-    mallopt(M_MMAP_THRESHOLD and M_TRIM_THRESHOLD = limit) stops that; the price is freed memory that stays resident
-    (peak RSS +8-18 % measured). Process-wide, so only the entry scripts call it (for CPU runs), never the library.
-    Returns False, changing nothing, where the C library is not glibc (macOS, musl)."""
+    on free, and trims the heap top, so a training step page-faults the same large tensors back in every time: ~140 000
+    faults (570 MB) per default DeltaNet NTP step before the fused head loss, a fifth to a third of its time (README).
+    mallopt(M_MMAP_THRESHOLD and M_TRIM_THRESHOLD = limit) stops that, for freed memory that stays resident (peak RSS
+    +8-18 %). Process-wide, so only the entry scripts call it (CPU runs). False, changing nothing, outside glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         if not libc.gnu_get_libc_version:                             # raises AttributeError outside glibc
@@ -180,9 +186,12 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     mmap: map its tensors instead of reading them (cheap, for a caller that wants only its configs).
     vocab: the tokenizer's vocabulary size the caller will feed it; a model with fewer token rows cannot embed them."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
+    try:
+        path = path / "ckpt.pt" if path.is_dir() else path
+        found = path.is_file()
+    except OSError as e:  # a name too long, a folder we may not read
+        raise CheckpointError(f"checkpoint {path}: {e.strerror or e}") from None
+    if not found:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -253,23 +262,6 @@ def run_dir(out: str | Path) -> Path:
     except OSError as e:
         raise ValueError(f"cannot write folder {path}: {e.strerror or e}") from None
     return path
-
-
-def trim_log(path: str | Path, step: int) -> None:
-    """Drop the metric lines logged after `step` (a run killed after its last checkpoint), before resuming there."""
-    path = Path(path)
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _logged_step(line) <= step]
-        if len(kept) != len(lines):
-            path.write_text("".join(kept))
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line).get("step", 0)
-    except ValueError:  # a line cut short by a kill: dropped
-        return float("inf")
 
 
 class MetricLog:

@@ -32,8 +32,8 @@ User text (`load_text_documents`): a .txt file is split into documents on "<|end
 more newlines (two blank lines); a folder means every *.txt below it (sorted, recursive); a .jsonl file has one JSON
 object per line with a "text" field. Documents are tokenised once, without BOS; `pack` joins them with EOT between
 and cuts T-token rows, `filter` keeps documents of ≥ T tokens truncated to T. The train/val split is by document:
-document i is in val iff a hash of (seed, i) falls below val_fraction (never an overlap; at least one of each).
-Rows hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1].
+document i is in val iff a hash of (seed, i) falls below val_fraction (never an overlap; at least one of each). Rows
+hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1].
 Deviation: the paper mid-trains on long-document corpora (e.g. LongBench-like books); ours is synthetic by default.
 """
 
@@ -190,8 +190,8 @@ def load_text_documents(path) -> list[str]:
         if not files:
             raise ValueError(f"{path}: folder has no .txt files")
         docs = [d for f in files for d in _read_txt(f)]
-    elif not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
+    elif not path.is_file():  # missing, or a FIFO or device (reading it would block, or never end)
+        raise ValueError(f"{path}: " + ("not a regular file" if path.exists() else "no such file or folder"))
     elif path.suffix == ".txt":
         docs = _read_txt(path)
     elif path.suffix == ".jsonl":
@@ -291,7 +291,7 @@ class TokenCorpus(Corpus):
 def make_corpus(data_path: str | None, seq_len: int, seed: int = 0, mode: str = "pack",
                 val_fraction: float = 0.1) -> Corpus:
     """The synthetic corpus when data_path is None (mode and val_fraction unused: val is its own split), else the
-    user's documents (a .txt file, a folder of .txt files or a .jsonl file; see load_text_documents)."""
+    user's documents (load_text_documents)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if data_path is None:

@@ -24,8 +24,13 @@ newline (also at EOS), at most `max_new_tokens` (NIAH 12 or 40, QA 32) instead o
 Memory: CUDA reports torch.cuda.max_memory_allocated per context length (reset before each length); CPU reports the
 process peak RSS (`resource.getrusage`, monotone over the whole process: weights, Python and torch included), so the
 exact, length-independence check on CPU is `state_bytes`: the size of the recurrent state after the prefill.
+
+eval_niah's inputs are checked here before any decoding: the grid (`check_grid`) and where the results JSON and the
+heatmap PNG will go (`check_results_path`, `check_plot_path`; nothing is created until they are written).
 """
 
+import json
+import os
 import resource
 import sys
 import time
@@ -214,3 +219,40 @@ def check_grid(tasks, lengths, depths, samples, haystacks=("noise",)) -> None:
     niah.check_prompt_budget(samples * len(depths), max(lengths), "--samples x --depths")  # one row's prompts
     for task in tasks:  # the shortest length must hold every prompt's header, needles and question
         niah.check_length(task, min(lengths))
+
+
+RESULT_KEYS = {"meta", "grid", "runs", "cells"}  # what every results file of eval_niah holds
+
+
+def check_results_path(path: Path) -> None:
+    """Raise ValueError unless the results JSON can be written at `path` later; an existing file there must be an
+    earlier results file (never a checkpoint or a run's config.json). Nothing is created now."""
+    _check_writable(path, "--out")
+    if path.is_file():
+        try:
+            ours = RESULT_KEYS <= json.loads(path.read_text()).keys()
+        except (ValueError, AttributeError):  # not JSON, not text (UnicodeDecodeError), not an object
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {path} exists and is not an eval_niah results file; refusing to overwrite it")
+
+
+def check_plot_path(path: Path, out: Path) -> None:
+    """Raise ValueError unless the heatmap PNG can be written at `path` later, beside (not over) the results."""
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--plot {path}: give a file name ending in .png")
+    if path.absolute() == out.absolute():
+        raise ValueError(f"--plot {path} is the results file (--out); give the picture another name")
+    _check_writable(path, "--plot")
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """No folder where the file goes, and the nearest existing folder above it writable (folders are made later)."""
+    try:
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; give a file name in it")
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise ValueError(f"{flag} {path}: cannot write in {folder}")
+    except OSError as e:  # a name too long, a folder we may not read
+        raise ValueError(f"{flag} {path}: {e.strerror or e}") from None

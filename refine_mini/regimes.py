@@ -38,8 +38,8 @@ import torch
 
 from refine_mini import tokenizer
 from refine_mini.common import (MetricLog, base_checkpoint, checkpoint_seq_len, clock, load_checkpoint, make_generator,
-                                set_rng_state, trim_log)
-from refine_mini.resume import configure, given_flags, require_ahead, require_same, saved_config
+                                set_rng_state)
+from refine_mini.resume import configure, given_flags, require_ahead, require_same, saved_config, trim_log
 from refine_mini.trainer import (apply_compute_settings, clip_and_step, make_optimizer, model_from_checkpoint,
                                  ntp_loss_from_hidden, save_run, skip_streak, validation_metrics)
 
@@ -207,13 +207,13 @@ class Run:
         resolved = {"regime": cfg.regime, "model": asdict(self.model.cfg), "run": asdict(cfg),
                     "refine": asdict(self.rcfg), "init": self.extra.get("init"),
                     "refine_steps_per_batch": steps_per_batch(self.rcfg, cfg.batch_size)}
-        print("config: " + json.dumps(resolved))
-        (out / "config.json").write_text(json.dumps(resolved, indent=2))
-        if resume:
+        if resume:  # the log first: one that cannot be trimmed or opened stops the run before config.json changes
             trim_log(out / "metrics.jsonl", self.step)  # lines a killed run logged after its last checkpoint
         else:  # a fresh run (--overwrite): never the old checkpoint beside the new config and log
             (out / "ckpt.pt").unlink(missing_ok=True)
         self.log = MetricLog(out / "metrics.jsonl", append=resume)
+        print("config: " + json.dumps(resolved))
+        (out / "config.json").write_text(json.dumps(resolved, indent=2))
 
     def record(self, phase: str, metrics: dict) -> None:
         """One JSONL line per optimizer step (none for the step that ends a run of skipped ones, skip_streak)."""

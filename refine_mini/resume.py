@@ -16,7 +16,9 @@ bf16 run resumed without `--precision bf16` would go on in fp32, a run on `--dat
 A checkpoint saved before a field existed takes that field's default (e.g. fp32 precision). The device is not part
 of the config: a checkpoint is loaded onto the CPU first and holds no CUDA RNG state, so --device may change.
 """
+import json
 from dataclasses import fields
+from pathlib import Path
 
 FREE = frozenset({"max_steps", "compile", "grad_checkpoint", "checkpoint_segment", "ckpt_every", "eval_every",
                   "val_every"})
@@ -69,3 +71,33 @@ def saved_config(ckpt: dict, regime: str, out) -> dict:
         raise ValueError(f"--regime {regime}: {out} holds a {ckpt['regime']} run; --resume continues a run in its own "
                          f"regime")
     return dict(ckpt.get("train_config") or {})
+
+
+def trim_log(path: str | Path, step: int) -> None:
+    """Drop the metric lines logged after `step` (a run killed after its last checkpoint), before resuming there. A
+    last line cut short by the kill goes too; any other line that is not a metrics object is a ValueError naming
+    file:line, and the log is left as it was."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a metrics log (not UTF-8 text)") from None
+    steps = [_logged_step(line) for line in lines]
+    bad = [i for i, s in enumerate(steps[:-1]) if s is None]
+    if bad:
+        raise ValueError(f"{path}:{bad[0] + 1}: not a metrics line (a JSON object with a numeric step)")
+    kept = [line for line, s in zip(lines, steps) if s is not None and s <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept), encoding="utf-8")
+
+
+def _logged_step(line: str) -> float | None:
+    """The step of a metrics line (0 if it names none); None for a line that is not a metrics object."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    value = obj.get("step", 0) if isinstance(obj, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None

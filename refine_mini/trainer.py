@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, rng_state, run_dir, save_checkpoint,
-                                set_rng_state, trim_log)
+                                set_rng_state)
 from refine_mini.head_loss import IGNORE, default_block_rows
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
-from refine_mini.resume import configure, require_ahead, saved_config
+from refine_mini.resume import configure, require_ahead, saved_config, trim_log
 from refine_mini.tokenizer import encode
 
 ANSWER_CUE = encode("Answer:")  # token ids of the cue before every answer (textgen.py), after a newline
@@ -243,11 +243,11 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
         print(f"resuming {out} at step {start}")
     else:  # a fresh run (--overwrite): the folder must never pair the old checkpoint with the new config and log
         (out / "ckpt.pt").unlink(missing_ok=True)
+    log = MetricLog(out / "metrics.jsonl", append=start > 0)  # first: a log that cannot be opened leaves config.json
     (out / "config.json").write_text(json.dumps({"regime": "pretrain", "model": asdict(model_cfg),
                                                   "train": asdict(cfg)}, indent=2))
     encode = torch.compile(model.encode) if cfg.compile else model.encode  # the head's loss runs blockwise, eager
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]]
-    log = MetricLog(out / "metrics.jsonl", append=start > 0)
     metrics, skipped = {}, 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"pretrain {model_cfg.mixer}")
     try:  # the log is closed however the loop ends (FloatingPointError, Ctrl-C)

@@ -106,14 +106,14 @@ def _bad_inputs(tmp_path):
                                   "weights whose logits overflow"])
 def test_bad_input_is_a_one_line_error_with_status_2_and_keeps_old_results(tmp_path, capsys, case):
     argv, message = _bad_inputs(tmp_path)[case]
-    out = tmp_path / "old.json"
-    out.write_text('{"old": true}')
+    out, old = tmp_path / "old.json", '{"meta": {"old": true}, "grid": {}, "runs": [], "cells": []}'
+    out.write_text(old)  # an earlier results file: overwritten by a good run, kept by a failing one
     with pytest.raises(SystemExit) as exc:
         eval_niah.main([*argv, "--out", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
-    assert out.read_text() == '{"old": true}'
+    assert out.read_text() == old
 
 
 def test_heatmap_plain_text_grid_for_a_hand_made_score_table():

@@ -111,10 +111,12 @@ def test_a_pretraining_resume_refuses_nan_weights_and_fewer_steps(pretrained, ca
 
 
 def test_eval_never_overwrites_a_file_that_is_not_a_results_json(pretrained, capsys):
+    """Neither the checkpoint nor the run's config.json (a JSON object, but not an eval_niah results file)."""
     before = files(pretrained)
-    err = fails(capsys, eval_niah.main, ["--ckpt", str(pretrained), "--out", str(pretrained / "ckpt.pt"), "--tasks",
-                                        "s_niah", "--lengths", "128", "--samples", "1"])
-    assert "is not a JSON results file; refusing to overwrite it" in err and files(pretrained) == before
+    for name in ("ckpt.pt", "config.json"):
+        err = fails(capsys, eval_niah.main, ["--ckpt", str(pretrained), "--out", str(pretrained / name), "--tasks",
+                                            "s_niah", "--lengths", "128", "--samples", "1"])
+        assert "is not an eval_niah results file; refusing to overwrite it" in err and files(pretrained) == before
 
 
 def test_out_of_memory_is_one_line_and_other_runtime_errors_still_surface(tiny_ckpt, tmp_path, capsys,  # noqa: F811

@@ -10,9 +10,9 @@ import torch
 import train
 import tta
 from refine_mini import trainer
-from refine_mini.common import (CheckpointError, clock, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                                trim_log)
+from refine_mini.common import CheckpointError, clock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from refine_mini.model import FastWeightLM
+from refine_mini.resume import trim_log
 from refine_mini.trainer import make_optimizer, model_from_checkpoint, pretrain, save_run, skip_streak
 from tests.test_regimes import LENGTH, tiny_ckpt  # noqa: F401 (a fixture)
 from tests.test_train import KillingCorpus, Killed, RandomCorpus, short_run, tiny_cfg
@@ -125,10 +125,11 @@ def test_unwritable_output_folders_are_one_line_errors_before_any_work(tmp_path,
     with pytest.raises(SystemExit) as e:
         train.main(["--model", "deltanet", "--out", str(tmp_path / "a_file" / "run")])
     assert e.value.code == 2 and "cannot write folder" in capsys.readouterr().err
-    import eval_niah
-    with pytest.raises(SystemExit) as e:  # fails before evaluating (no run is even needed to get there)
-        eval_niah.check_writable(tmp_path / "a_file" / "results.json")
-    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    from refine_mini.evaluate import check_plot_path, check_results_path
+    with pytest.raises(ValueError, match=r"^--out .*results\.json: cannot write in .*a_file$"):  # before evaluating
+        check_results_path(tmp_path / "a_file" / "results.json")
+    with pytest.raises(ValueError, match=r"^--plot .*x\.png: cannot write in .*a_file$"):
+        check_plot_path(tmp_path / "a_file" / "x.png", tmp_path / "results.json")
 
 
 def test_rng_states_never_touch_cuda_even_where_it_is_present(monkeypatch):

@@ -144,7 +144,7 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     (["--model", "deltanet", "--regime", "pre"], "unknown regime"),
     (["--model", "deltanet", "--max-steps", "0"], "--max-steps must be >= 1"),
     (["--model", "deltanet", "--answer-weight", "0"], "--answer-weight must be > 0 and finite in float32"),
-    (["--model", "deltanet", "--lr", "inf"], "--lr must be > 0 and finite in float32"),
+    (["--model", "deltanet", "--lr", "inf"], "--lr must be > 0 and below 1.7e+37"),
     (["--model", "deltanet", "--regime", "mid", "--lambda-rl", "-1"], "--lambda-rl must be >= 0 and finite in float32"),
     (["--model", "deltanet", "--seed", "-1"], "--seed must be in [0, 2**32)"),
     (["--model", "deltanet", "--device", "mps"], "unknown --device 'mps'"),
