@@ -15,6 +15,7 @@ bf16 run resumed without `--precision bf16` would go on in fp32, a run on `--dat
   --checkpoint-segment), and how often it validates or saves. A given one wins.
 A checkpoint saved before a field existed takes that field's default (e.g. fp32 precision). The device is not part
 of the config: a checkpoint is loaded onto the CPU first and holds no CUDA RNG state, so --device may change.
+The resumed run's metrics log drops the lines logged after its checkpoint (`trim_log`).
 """
 import json
 from dataclasses import fields
