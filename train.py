@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, check_lr, fail, keep_freed_memory,
-                                load_checkpoint, out_of_memory, pick_device, run_dir, set_seed)
+from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, check_writable, fail, keep_freed_memory,
+                                load_checkpoint, out_of_memory, pick_device, set_seed)
 from refine_mini.model import ModelConfig
 from refine_mini.resume import configure, given_flags, saved_config
-from refine_mini.trainer import TrainConfig, pretrain
+from refine_mini.trainer import TrainConfig, check_lr, pretrain
 
 MODELS = ("deltanet", "lact")
 REGIMES = ("pretrain", "mid", "post")
@@ -132,10 +132,8 @@ def check_batch_tokens(args) -> None:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     out = Path(args.out or f"runs/{args.model}-{args.regime}")
-    made = []  # the folders run_dir will create, deepest first
     try:
         check_args(args)
-        made = [folder for folder in (out, *out.parents) if not folder.exists()]
         device = pick_device(args.device)
         if args.resume and not (out / "ckpt.pt").is_file():
             raise ValueError(f"--resume: {out} holds no checkpoint (ckpt.pt) to resume")
@@ -146,7 +144,7 @@ def main(argv=None) -> dict:
             keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
         set_seed(0 if args.seed is None else args.seed)  # a resumed run then restores its saved RNG states
         args.data = resolved(args.data) if args.data else None  # recorded, and compared on --resume
-        run_dir(out)
+        check_writable(out, f"cannot write folder {out}", folder=True)  # made when the run first writes into it
         if args.regime == "pretrain":
             return run_pretrain(args, out, device)
         from refine_mini.regimes import run_regime  # the REFINE regimes (mid, post)
@@ -161,13 +159,6 @@ def main(argv=None) -> dict:
         fail(out_of_memory(e, f"try a smaller --batch-size or --seq-len; {kept(out)}"))
     except KeyboardInterrupt:
         fail(f"interrupted; {kept(out)}", code=130)
-    finally:  # a run that failed before writing anything (bad --data, say) leaves no empty folder behind
-        for folder in made:
-            try:
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-            except OSError:  # a name too long, say: nothing was made there
-                pass
 
 
 def resolved(path: str) -> str:
@@ -181,11 +172,7 @@ def resolved(path: str) -> str:
 def kept(out: Path) -> str:
     """What a run stopped by an error, a NaN or Ctrl-C leaves behind in `out`. (A base pre-training that a mid/post
     run started and that was stopped is finished by the next such run: common.base_checkpoint.)"""
-    try:
-        saved = (out / "ckpt.pt").is_file()
-    except OSError:  # a name too long: nothing could be written there either
-        saved = False
-    if saved:
+    if (out / "ckpt.pt").is_file():
         return f"the last checkpoint in {out} is kept (--resume continues from it)"
     return f"no checkpoint was saved in {out} yet (run again without --resume)"
 

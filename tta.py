@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 from refine_mini import tokenizer
-from refine_mini.common import (PRECISIONS, CheckpointError, check_lr, checkpoint_seq_len, fail, keep_freed_memory,
+from refine_mini.common import (PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory,
                                 load_checkpoint, out_of_memory, pick_device, set_seed)
 from refine_mini.niah import TASKS, check_prompt_budget, make_task_examples
 from refine_mini.posttrain import score_examples
 from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
-from refine_mini.trainer import apply_compute_settings, make_optimizer, model_from_checkpoint
+from refine_mini.trainer import apply_compute_settings, check_lr, make_optimizer, model_from_checkpoint
 
 METHODS = ("none", "sft-ttt", "refine-ttt")
 MODES = ("cumulative", "reset")

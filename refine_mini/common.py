@@ -15,6 +15,7 @@ Question answered: how does a run start, save itself and resume without ever los
 import argparse
 import ctypes
 import ctypes.util
+import errno
 import functools
 import json
 import os
@@ -29,7 +30,6 @@ import torch
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
 FP32_MAX = torch.finfo(torch.float32).max  # bound of the loss weights: past it the fp32 loss overflows
-MAX_LR = FP32_MAX / 20  # AdamW's first step is lr / (1 - beta1) = 10 lr at beta1 0.9: it must stay finite in fp32
 PRECISIONS = ("fp32", "bf16")  # fp32 throughout, or bf16 autocast over fp32 weights (method.md §2, "precision")
 
 
@@ -51,22 +51,14 @@ def autocast_off(kernel):
 
     Under bf16 autocast every matmul would run in bf16, and a fast-weight state summed over thousands of tokens in
     bf16 drifts (and an in-place fp32 update of it fails). The kernels cast their inputs themselves (to fp32, fp64
-    for fp64), so with autocast off they compute exactly what they compute outside it: the layer's projections
-    around them are what bf16 speeds up. A custom backward wears it too, as autocast reaches a backward called
-    inside it."""
+    for fp64), so with autocast off they compute exactly what they compute outside it: bf16 speeds up the layer's
+    projections around them. A custom backward wears it too, as autocast reaches a backward called inside it."""
     @functools.wraps(kernel)
     def run(*args, **kwargs):
         device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
         with torch.autocast(device, enabled=False):
             return kernel(*args, **kwargs)
     return run
-
-
-def check_lr(lr: float | None) -> None:
-    """--lr > 0 and small enough that AdamW's first step (lr / (1 - beta1)) is finite in float32 (train.py, tta.py)."""
-    if lr is not None and not 0 < lr < MAX_LR:
-        raise ValueError(f"--lr must be > 0 and below {MAX_LR:.2g} (AdamW divides it by 1 - beta1 in float32), "
-                         f"got {lr}")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -120,10 +112,9 @@ def clock(device: torch.device | str) -> float:
 
 
 def rng_state() -> dict:
-    """The global RNG states of Python, NumPy and torch's CPU generator, as tensors and plain values only (so
-    weights_only loading accepts it). CUDA's generators are left out on purpose: nothing here draws from them (models
-    are initialised on CPU, every sampler is an explicit Generator rebuilt from (seed, step)), and saving them would
-    start a CUDA context in CPU runs and tie a checkpoint to the number of visible GPUs."""
+    """The global RNG states of Python, NumPy and torch's CPU generator, as tensors and plain values (weights_only
+    loading accepts them). Not CUDA's: nothing draws from them (models start on CPU, every sampler is a Generator
+    from (seed, step)), and saving them would start CUDA in CPU runs and tie a checkpoint to the visible GPUs."""
     return {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
             "numpy": _to_plain(np.random.get_state())}
 
@@ -251,6 +242,24 @@ def checkpoint_seq_len(ckpt: dict) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise CheckpointError(f"the checkpoint's train_config.seq_len is not a length: {value!r}") from None
+
+
+def check_writable(path: str | Path, prefix: str, folder: bool = False) -> None:
+    """Raise ValueError(f"{prefix}: reason") unless a file (with folder: a folder) can be made at `path` later: nothing
+    of the other kind there, no name too long, the nearest existing folder at or above it writable. It creates
+    nothing: folders are made at the first write (run_dir, write_atomic), so a failed run leaves none behind."""
+    path = Path(path)
+    try:
+        if path.exists() and path.is_dir() != folder:
+            raise ValueError(f"{prefix}: is a {'file' if folder else 'folder'}; give a "
+                             f"{'folder' if folder else 'file name in it'}")
+        existing = next(p for p in (path.absolute(), *path.absolute().parents)[0 if folder else 1:] if p.exists())
+        if any(len(os.fsencode(part)) > os.pathconf(existing, "PC_NAME_MAX") for part in path.parts):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise ValueError(f"{prefix}: cannot write in {existing}")
+    except OSError as e:  # a name too long, a folder we may not read
+        raise ValueError(f"{prefix}: {e.strerror or e}") from None
 
 
 def run_dir(out: str | Path) -> Path:

@@ -30,7 +30,6 @@ heatmap PNG will go (`check_results_path`, `check_plot_path`; nothing is created
 """
 
 import json
-import os
 import resource
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 from refine_mini import niah, tokenizer
-from refine_mini.common import CheckpointError, checkpoint_seq_len, load_checkpoint
+from refine_mini.common import CheckpointError, check_writable, checkpoint_seq_len, load_checkpoint
 from refine_mini.state import ModelState
 from refine_mini.trainer import model_from_checkpoint
 
@@ -227,7 +226,7 @@ RESULT_KEYS = {"meta", "grid", "runs", "cells"}  # what every results file of ev
 def check_results_path(path: Path) -> None:
     """Raise ValueError unless the results JSON can be written at `path` later; an existing file there must be an
     earlier results file (never a checkpoint or a run's config.json). Nothing is created now."""
-    _check_writable(path, "--out")
+    check_writable(path, f"--out {path}")
     if path.is_file():
         try:
             ours = RESULT_KEYS <= json.loads(path.read_text()).keys()
@@ -243,16 +242,4 @@ def check_plot_path(path: Path, out: Path) -> None:
         raise ValueError(f"--plot {path}: give a file name ending in .png")
     if path.absolute() == out.absolute():
         raise ValueError(f"--plot {path} is the results file (--out); give the picture another name")
-    _check_writable(path, "--plot")
-
-
-def _check_writable(path: Path, flag: str) -> None:
-    """No folder where the file goes, and the nearest existing folder above it writable (folders are made later)."""
-    try:
-        if path.is_dir():
-            raise ValueError(f"{flag} {path} is a folder; give a file name in it")
-        folder = next(p for p in path.absolute().parents if p.exists())
-        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-            raise ValueError(f"{flag} {path}: cannot write in {folder}")
-    except OSError as e:  # a name too long, a folder we may not read
-        raise ValueError(f"{flag} {path}: {e.strerror or e}") from None
+    check_writable(path, f"--plot {path}")

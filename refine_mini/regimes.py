@@ -38,7 +38,7 @@ import torch
 
 from refine_mini import tokenizer
 from refine_mini.common import (MetricLog, base_checkpoint, checkpoint_seq_len, clock, load_checkpoint, make_generator,
-                                set_rng_state)
+                                run_dir, set_rng_state)
 from refine_mini.resume import configure, given_flags, require_ahead, require_same, saved_config, trim_log
 from refine_mini.trainer import (apply_compute_settings, clip_and_step, make_optimizer, model_from_checkpoint,
                                  ntp_loss_from_hidden, save_run, skip_streak, validation_metrics)
@@ -210,6 +210,7 @@ class Run:
         if resume:  # the log first: one that cannot be trimmed or opened stops the run before config.json changes
             trim_log(out / "metrics.jsonl", self.step)  # lines a killed run logged after its last checkpoint
         else:  # a fresh run (--overwrite): never the old checkpoint beside the new config and log
+            run_dir(out)  # the folder is made now, with every input checked (train.py only checked it can be)
             (out / "ckpt.pt").unlink(missing_ok=True)
         self.log = MetricLog(out / "metrics.jsonl", append=resume)
         print("config: " + json.dumps(resolved))

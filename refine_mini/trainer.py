@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from refine_mini.common import (CheckpointError, MetricLog, clock, load_checkpoint, rng_state, run_dir, save_checkpoint,
-                                set_rng_state)
+from refine_mini.common import (FP32_MAX, CheckpointError, MetricLog, clock, load_checkpoint, rng_state, run_dir,
+                                save_checkpoint, set_rng_state)
 from refine_mini.head_loss import IGNORE, default_block_rows
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
 from refine_mini.resume import configure, require_ahead, saved_config, trim_log
@@ -68,6 +68,16 @@ def apply_compute_settings(model, cfg) -> None:
     ValueError for a segment that is not a multiple of the chunk size, or an unknown precision."""
     model.set_checkpointing(cfg.grad_checkpoint, cfg.checkpoint_segment)
     model.set_precision(cfg.precision)
+
+
+MAX_LR = FP32_MAX / 20  # AdamW's first step is lr / (1 - beta1) = 10 lr at beta1 0.9: it must stay finite in fp32
+
+
+def check_lr(lr: float | None) -> None:
+    """--lr > 0 and small enough that AdamW's first step (lr / (1 - beta1)) is finite in float32 (train.py, tta.py)."""
+    if lr is not None and not 0 < lr < MAX_LR:
+        raise ValueError(f"--lr must be > 0 and below {MAX_LR:.2g} (AdamW divides it by 1 - beta1 in float32), "
+                         f"got {lr}")
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -45,6 +45,9 @@ def test_names_too_long_for_the_file_system_are_one_line(tiny_ckpt, tmp_path, ca
     monkeypatch.chdir(tmp_path)
     assert "File name too long" in fails(capsys, train.main, ["--model", "deltanet", "--out", f"runs/{LONG}"])
     assert "File name too long" in fails(capsys, eval_niah.main, ["--ckpt", str(tiny_ckpt), "--out", f"{LONG}.json"])
+    monkeypatch.setattr(eval_niah, "evaluate_run", no_evaluation)  # in a folder still to be made: refused up front
+    assert "File name too long" in fails(capsys, eval_niah.main, ["--ckpt", str(tiny_ckpt), "--out",
+                                                                 f"new/{LONG}.json"])
     assert "File name too long" in fails(capsys, eval_niah.main, ["--ckpt", LONG])
     assert "File name too long" in fails(capsys, tta.main, ["--ckpt", LONG, "--task", "s_niah"])
     assert [p.name for p in tmp_path.iterdir()] == ["base"]  # tiny_ckpt's own folder, nothing more
@@ -139,3 +142,9 @@ def test_a_pretraining_log_that_cannot_be_opened_leaves_config_json(pretrained, 
     before = (pretrained / "config.json").read_bytes()
     err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(pretrained), "--resume", "--max-steps", "3"])
     assert "Is a directory" in err and (pretrained / "config.json").read_bytes() == before
+
+
+def test_an_out_that_is_a_file_is_refused_and_left_as_it_was(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(tmp_path / "notes.txt")])
+    assert "notes.txt: is a file; give a folder" in err and (tmp_path / "notes.txt").read_text() == "mine"

@@ -234,8 +234,8 @@ def test_tta_stopped_by_nan_says_it_wrote_nothing(tiny_ckpt, capsys, monkeypatch
 
 def test_a_fresh_run_that_fails_on_its_data_leaves_no_empty_folder(tiny_ckpt, tmp_path, capsys,  # noqa: F811
                                                                     monkeypatch):
-    """The folders a run creates (its --out, the runs/ above it, a base's folder) go again when it fails before
-    writing anything into them; a folder that was there before stays."""
+    """A run that fails before writing anything leaves no folder (its --out, the runs/ above it, a base's folder):
+    each is made only at its first write. A folder that was there before stays."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("")
     bad = ["--data", str(tmp_path / "empty.txt")]
