@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="fast-weight mixer: deltanet or lact")
     p.add_argument("--regime", default="pretrain", help="pretrain | mid | post")
     p.add_argument("--out", help="run folder (default runs/<model>-<regime>)")
-    p.add_argument("--data", help="a .txt file, a folder of .txt files, or a .jsonl with a 'text' field "
-                                  "(default: the built-in synthetic long-document corpus)")
+    p.add_argument("--data", help="a .txt file, a .jsonl with a 'text' field, or a folder of them (README: "
+                                  "'Your own text'; default: the built-in synthetic long-document corpus)")
     p.add_argument("--init", help="checkpoint or run folder to start from (mid/post; default: the pretrain run)")
     p.add_argument("--max-steps", type=int, help="pretrain: optimizer steps (default deltanet 400, lact 250); mid/post: batches")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence")
@@ -108,6 +108,8 @@ def check_args(args) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} is a mid/post flag; --regime pretrain does not use it")
     elif args.answer_weight is not None:
         raise ValueError("--answer-weight is a pretrain flag; mid and post use REFINE's own loss weights")
+    elif args.regime == "post" and args.data is not None:  # it would be ignored
+        raise ValueError("--data is a pretrain/mid flag; post-training trains on generated task prompts")
 
 
 # Tokens in one batch (--batch-size x --seq-len). Past 4M, one NTP step of the default model needs ~25 GB of

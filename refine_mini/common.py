@@ -8,11 +8,11 @@ Question answered: how does a run start, save itself and resume without ever los
 - Every load error is a `CheckpointError` with a one-line message; scripts print it and exit with status 2.
 - CPU runs keep freed memory inside the process (`keep_freed_memory`), which the scripts ask for explicitly.
 - A regime run without --init pre-trains its base first (`base_checkpoint`).
-- Precision: `PRECISIONS` names the compute precisions a run can take (FastWeightLM.set_precision); the fast-weight
-  kernels wear `autocast_off`, so their states and sums stay fp32 under bf16 autocast.
+- Precision: `PRECISIONS` (FastWeightLM.set_precision); kernels wear `autocast_off`, so states stay fp32 under bf16.
 """
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -47,7 +47,7 @@ def set_seed(seed: int) -> None:
 
 
 def autocast_off(kernel):
-    """Decorator: run `kernel` with autocast off on the device of its first tensor argument.
+    """Decorator: run `kernel` with autocast off on the device of its first tensor argument (positional or keyword).
 
     Under bf16 autocast every matmul would run in bf16, and a fast-weight state summed over thousands of tokens in
     bf16 drifts (and an in-place fp32 update of it fails). The kernels cast their inputs themselves (to fp32, fp64
@@ -55,8 +55,8 @@ def autocast_off(kernel):
     projections around them. A custom backward wears it too, as autocast reaches a backward called inside it."""
     @functools.wraps(kernel)
     def run(*args, **kwargs):
-        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        with torch.autocast(device, enabled=False):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        with torch.autocast(device, enabled=False) if device else contextlib.nullcontext():  # no tensor: nothing to do
             return kernel(*args, **kwargs)
     return run
 

@@ -28,24 +28,22 @@ documents from the val partition, and niah.py/qa.py evaluate on the eval partiti
 ever shared, whatever the seeds. Training documents are generated on the fly (a fresh seed per row, drawn from the
 caller's torch.Generator), so training never repeats a document; validation is a fixed set of val-split documents.
 
-User text (`load_text_documents`): a .txt file is split into documents on "<|endoftext|>" and on runs of three or
-more newlines (two blank lines); a folder means every *.txt below it (sorted, recursive); a .jsonl file has one JSON
-object per line with a "text" field. Documents are tokenised once, without BOS; `pack` joins them with EOT between
-and cuts T-token rows, `filter` keeps documents of ≥ T tokens truncated to T. The train/val split is by document:
-document i is in val iff a hash of (seed, i) falls below val_fraction (never an overlap; at least one of each). Rows
-hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1].
+User text: `textfiles.load_text_documents` reads a .txt file, a .jsonl file or a folder of them into documents (where
+one ends and the next begins: textfiles.py). Documents are tokenised once, without BOS; `pack` joins them with EOT
+between and cuts T-token rows, `filter` keeps documents of ≥ T tokens truncated to T. The train/val split is by
+document: document i is in val iff a hash of (seed, i) falls below val_fraction (never an overlap; at least one of
+each). Rows hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1].
 Deviation: the paper mid-trains on long-document corpora (e.g. LongBench-like books); ours is synthetic by default.
 """
 
 import hashlib
-import json
 import random
 import re
-from pathlib import Path
 
 import torch
 
 from refine_mini import niah
+from refine_mini.textfiles import load_text_documents
 from refine_mini.textgen import (JOBS, NIAH_HEADER, encode_cached, filler_sentence, format_answer, make_city,
                                  make_company, make_key, make_person, make_value, needle_sentence, niah_question,
                                  person_passage, qa_question, split_code, unique)
@@ -150,58 +148,7 @@ def synthetic_ids(seed: str, n_tokens: int, split: str) -> list[int]:
     return ids[:n_tokens]
 
 
-# ---- user text --------------------------------------------------------------------------------------------------
-
-_SEPARATOR = re.compile(r"<\|endoftext\|>|\n{3,}")
-
-
-def _read_txt(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
-    return [d.strip() for d in _SEPARATOR.split(text)]
-
-
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, a 4301-digit int, nesting deeper than the stack
-            raise ValueError(f"{path}:{lineno}: bad JSON line ({getattr(e, 'msg', type(e).__name__)})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: expected an object with a string \"text\" field")
-        docs.append(obj["text"].strip())
-    return docs
-
-
-def load_text_documents(path) -> list[str]:
-    """Documents from a .txt file, a folder of .txt files (sorted, recursive) or a .jsonl file; empty ones dropped."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise ValueError(f"{path}: folder has no .txt files")
-        docs = [d for f in files for d in _read_txt(f)]
-    elif not path.is_file():  # missing, or a FIFO or device (reading it would block, or never end)
-        raise ValueError(f"{path}: " + ("not a regular file" if path.exists() else "no such file or folder"))
-    elif path.suffix == ".txt":
-        docs = _read_txt(path)
-    elif path.suffix == ".jsonl":
-        docs = _read_jsonl(path)
-    else:
-        raise ValueError(f"{path}: expected a .txt file, a .jsonl file or a folder of .txt files")
-    docs = [d for d in docs if d]
-    if not docs:
-        raise ValueError(f"{path}: empty corpus (no non-empty documents)")
-    return docs
+# ---- user documents (read by textfiles.py) ---------------------------------------------------------------------
 
 
 def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
@@ -212,7 +159,8 @@ def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
 def split_documents(docs: list[str], seed: int, val_fraction: float) -> tuple[list[int], list[int]]:
     """(train indices, val indices): a deterministic split by document; both non-empty (needs ≥ 2 documents)."""
     if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents for a train/validation split, got {len(docs)}")
+        raise ValueError(f"need at least 2 documents for a train/validation split, got {len(docs)} (separate "
+                         f"documents by two blank lines or <|endoftext|>, or give a .jsonl or a folder)")
     val = [i for i in range(len(docs)) if is_val_document(i, seed, val_fraction)]
     if not val:
         val = [len(docs) - 1]
@@ -285,7 +233,8 @@ class TokenCorpus(Corpus):
         return self.train_rows[idx]  # (B, T)
 
     def val_batches(self, batch_size: int) -> list[torch.Tensor]:
-        return list(self.val_rows.split(batch_size))
+        """[] when no validation document gives a full row (the callers then run without validation)."""
+        return list(self.val_rows.split(batch_size)) if len(self.val_rows) else []  # split() of (0, T): [(0, T)]
 
 
 def make_corpus(data_path: str | None, seq_len: int, seed: int = 0, mode: str = "pack",

@@ -31,10 +31,10 @@ Schedule of `delta_rule_chunked` (same maths as fla's chunk kernel, different sc
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from refine_mini.common import autocast_off
 from refine_mini.delta_rule_bwd import chunk_backward
@@ -53,9 +53,11 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None,
         raise ValueError(f"v must be (B, H, T, Dv) = ({B}, {H}, {T}, Dv), got {tuple(v.shape)}")
     if beta.shape != (B, H, T):
         raise ValueError(f"beta must be (B, H, T) = ({B}, {H}, {T}), got {tuple(beta.shape)}")
+    Dv = v.shape[-1]
     if T < 1:
         raise ValueError(f"sequence length T must be >= 1, got {T}")
-    Dv = v.shape[-1]
+    if Dk < 1 or Dv < 1:
+        raise ValueError(f"head dimensions Dk and Dv must be >= 1, got Dk={Dk}, Dv={Dv}")
     # accumulate in fp32 whatever the input dtype; fp64 stays fp64 so tests can compare to ~1e-12
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = Dk ** -0.5 if scale is None else float(scale)
@@ -104,9 +106,15 @@ def _to_chunks(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, C: int, cdt: torch
     return (qc.reshape(Z, C, Dk), kc.reshape(Z, C, Dk), vc.reshape(Z, C, v.shape[-1]), bc.reshape(Z, C, 1)), N
 
 
-def _check_chunk_size(chunk_size) -> None:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+def check_chunk_size(chunk_size) -> int:
+    """chunk_size as an int (numpy integers too); ValueError unless it is an integer >= 1 (bools are not)."""
+    try:
+        C = operator.index(chunk_size) if not isinstance(chunk_size, bool) else None
+    except TypeError:
+        C = None
+    if C is None or C < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    return C
 
 
 @autocast_off
@@ -119,7 +127,7 @@ def _delta_rule_chunked_autograd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, 
     precomputed for all chunks (h_next = P h_0 + G, P = I - KᵀW, G = KᵀU; O = scale((Q - MW) h_0 + MU),
     M = tril_incl(QKᵀ)), so the scan is one matmul per chunk.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     cdt, scale, h = _prepare(q, k, v, beta, scale, initial_state)
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
@@ -182,7 +190,8 @@ def _chunk_forward(qz: Tensor, kz: Tensor, vz: Tensor, bz: Tensor, h: Tensor, sc
 
 class _ChunkedDeltaRule(torch.autograd.Function):
     """The chunked kernel with a hand-written backward (refine_mini/delta_rule_bwd.py): all matmuls batched over
-    chunks except one reverse scan for the state gradient. Not twice differentiable (once_differentiable raises).
+    chunks except one reverse scan for the state gradient. Not twice differentiable: a backward that builds a graph
+    (create_graph=True, for a second derivative) raises instead of leaving this kernel's second-order terms out.
     Checked against `_delta_rule_chunked_autograd` and by gradcheck."""
 
     @staticmethod
@@ -197,9 +206,15 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         return o, h, hs
 
     @staticmethod
-    @once_differentiable
-    @autocast_off
     def backward(ctx, do, dh, dhs):
+        if torch.is_grad_enabled():  # autograd runs a backward in grad mode only under create_graph=True
+            raise RuntimeError("delta_rule_chunked is not twice differentiable (its backward is hand-written); "
+                               "use delta_rule_recurrent for higher derivatives")
+        return _ChunkedDeltaRule._backward(ctx, do, dh, dhs)
+
+    @staticmethod
+    @autocast_off
+    def _backward(ctx, do, dh, dhs):
         # dO may be expanded (stride 0, from a loss like o.sum()): chunk_backward makes it dense once, scaled
         dhs = dhs.contiguous() if dhs.numel() else None
         return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None, None)
@@ -215,12 +230,17 @@ def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk_size
 
     T is zero-padded to a multiple of C (padded rows have k = 0, beta = 0: exact no-ops). All per-chunk work is done
     as batched matmuls over a (B·H·N, C, .) view; only the state recurrence runs sequentially over N = T/C chunks.
-    Differentiable through a custom autograd.Function with a hand-written backward.
+    Differentiable (once) through a custom autograd.Function with a hand-written backward.
+    Causality holds for finite inputs. A NaN or inf input also reaches the EARLIER rows of its chunk, as 0 · NaN in
+    the masked matmuls (the recurrence spreads it forward only); both make every later output NaN.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     cdt, scale, h0 = _prepare(q, k, v, beta, scale, initial_state)
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
+    if B * H == 0:  # nothing to chunk (the chunk views below divide by B·H): the recurrence on empty tensors
+        o, h = delta_rule_recurrent(q, k, v, beta, scale, initial_state)
+        return (o, h, h.new_zeros(B, H, math.ceil(T / chunk_size), Dk, Dv)) if chunk_states else (o, h)
     (qz, kz, vz, bz), N = _to_chunks(q, k, v, beta, chunk_size, cdt)
     # decided here: inside Function.forward grad mode is always off and ctx.needs_input_grad ignores torch.no_grad()
     for_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta, h0))

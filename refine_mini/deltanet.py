@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent
+from refine_mini.state import check_ends
 
 __all__ = ["delta_rule_recurrent", "delta_rule_chunked", "DeltaNetState", "DeltaNet"]
 
@@ -138,6 +139,7 @@ class DeltaNet(nn.Module):
         gradient of the whole (B, H, T, .) tensor per slice."""
         conv0, x, k, v, beta, hs, final = record  # conv0 (B, W-1, ch) before x (B, T, D); k, v, beta (B, H, T, .)
         C, W, T, dev = self.chunk_size, self.conv_size, x.shape[1], x.device
+        check_ends(ends, x.shape[0], T)
         hs = torch.cat([hs, final[:, :, None]], 2)  # (B, H, N+1, Dk, Dv): + the state after the last chunk
         b_of = torch.tensor([b for b, row in enumerate(ends) for _ in row], device=dev)  # (S,) row of each snapshot
         t_of = torch.tensor([t for row in ends for t in row], device=dev)  # (S,) its position
@@ -174,6 +176,11 @@ class DeltaNet(nn.Module):
         H, Dk, Dv = self.n_heads, self.dk, self.dv
         if state is None:
             state = self.initial_state(B, x.device)
+        elif not isinstance(state, DeltaNetState):
+            raise ValueError(f"a DeltaNet layer needs a DeltaNetState, got a {type(state).__name__}")
+        elif state.S.shape != (B, H, Dk, Dv) or state.conv.shape != (B, self.conv_size - 1, self.channels):
+            raise ValueError(f"state S {tuple(state.S.shape)}, conv {tuple(state.conv.shape)} does not fit input "
+                             f"batch {B}: expected S {(B, H, Dk, Dv)}, conv {(B, self.conv_size - 1, self.channels)}")
 
         # projections, then causal depthwise conv with the cached left context (pitfall 7: multi-token cached calls)
         proj = self._project(x)                                                      # (B,T,2HDk+HDv)

@@ -15,7 +15,9 @@ Deviation: a group whose rewards are all equal (including a group of size 1) get
 verl gives such a singleton mean 0 and std 1, i.e. A = R (a baseline-free REINFORCE term), and an equal-reward
 group a rounding residue that the 1e-6 in the denominator does not make small: in fp32 the mean is off by an ulp and
 the std is ~1e-8, so |A| reaches 0.12 (8 equal copies of 2000 uniform rewards: 41 % of groups above 1e-3). We treat
-both as "no signal". They are counted in `frac_zero_std_groups`.
+both as "no signal". They are counted in `frac_zero_std_groups`. Rewards that differ by a few ulps are a signal
+too small to trust in fp32 (the rounded mean left |A| up to 0.26 and group sums up to 0.9), so the group statistics
+run in fp64: A is then the formula's value (|A| <= 0.06 there) and sums to 0 within each group.
 """
 import torch
 
@@ -33,7 +35,7 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1
     """rewards (N,), groups (N,) -> advantages (N,) standardised within each group, and flat (n_groups,) bool per group."""
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)  # inverse (N,), counts (n_groups,)
     n_groups = counts.numel()
-    rewards = rewards.detach()
+    dtype, rewards = rewards.dtype, rewards.detach().double()  # fp64 statistics (module docstring)
     mean = rewards.new_zeros(n_groups).index_add_(0, inverse, rewards) / counts  # (n_groups,)
     deviation = rewards - mean[inverse]  # R_i - mean_g, (N,)
     var = rewards.new_zeros(n_groups).index_add_(0, inverse, deviation ** 2) / (counts - 1).clamp(min=1)  # unbiased, (n_groups,)
@@ -43,7 +45,7 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1
     r_min = rewards.new_full((n_groups,), float("inf")).scatter_reduce(0, inverse, rewards, "amin")  # (n_groups,)
     flat = r_max == r_min  # all rewards equal (or a single row): no signal, advantage exactly 0
     advantages = torch.where(flat[inverse], torch.zeros_like(advantages), advantages)
-    return advantages, flat
+    return advantages.to(dtype), flat
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,

@@ -20,7 +20,8 @@ matmuls as the plain path. Extra memory: ∂L/∂h (N, D), the size of the hidde
 
 `head_loss_reference` is the plain path (full logits, F.cross_entropy, autograd); tests/test_head_loss.py proves the
 two agree in L, nll, entropy and both gradients. Deviation from the plain path: none in value; the sums run in a
-different order, so fp32 results differ in the last bits. The fused path supports one backward (no double backward).
+different order, so fp32 results differ in the last bits. The fused path supports one backward (a double backward
+raises).
 Under bf16 autocast (the model's precision "bf16") the three matmuls run in bf16, as autocast runs the plain path's,
 and the softmax, the sums over rows and the gradients' accumulation over blocks in fp32.
 """
@@ -92,8 +93,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         return loss, nll, entropy
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_nll, _grad_entropy):
+        if torch.is_grad_enabled():  # autograd runs a backward in grad mode only under create_graph=True
+            raise RuntimeError("the fused head loss is not twice differentiable (its gradient is precomputed); "
+                               "set model.fused_head = False for higher derivatives")
         grad_hidden, grad_weight = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_hidden * grad_loss).to(h_dtype) if ctx.needs_input_grad[0] else None  # (N, D)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from refine_mini.lact_ops import lact_chunked
 from refine_mini.lact_ragged import LaCTRaggedState, ragged_forward, to_ragged
 from refine_mini.rope import apply_rope
+from refine_mini.state import check_ends
 
 TTT_NORM_EPS = 1e-5  # per-head RMSNorm on the TTT output (released value)
 QK_L2_EPS = 1e-5  # x / (||x|| + eps) on the fast q, k
@@ -204,6 +205,7 @@ class LaCT(nn.Module):
         position. Equal to segmenting each row's pass (tested); REFINE takes its prefix snapshots this way."""
         history, final, (ka, va, fk, fv, eta, mom) = record
         C, keep, sd = self.chunk_size, self.window - 1, final.w0.dtype
+        check_ends(ends, *fk.shape[:2])  # fk (B, T, Hf, d)
         snaps = []
         for b, row in enumerate(ends):
             r = slice(b, b + 1)
@@ -229,8 +231,11 @@ class LaCT(nn.Module):
             state = self.initial_state(B, x.dtype, x.device)
         if isinstance(state, LaCTRaggedState):  # stacked rows at different positions (rollouts)
             return (*ragged_forward(self, x, state), None, None)
-        if state.w0.shape[0] != B:
-            raise ValueError(f"state batch {state.w0.shape[0]} != input batch {B}")
+        if not isinstance(state, LaCTState):
+            raise ValueError(f"a LaCT layer needs a LaCTState or LaCTRaggedState, got a {type(state).__name__}")
+        if state.w0.shape != (B, *self.w0_init.shape):
+            raise ValueError(f"state fast weight w0 {tuple(state.w0.shape)} does not fit input batch {B}: "
+                             f"expected {(B, *self.w0_init.shape)}")
         Ha, dh = self.n_heads_attn, self.head_dim_attn
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, 3D) -> 3 x (B, T, D)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from refine_mini.common import autocast_off
+from refine_mini.delta_rule import check_chunk_size
 
 # (a, b, c) per Newton-Schulz iteration, X <- a X + (b A + c A^2) X with A = X X^T (spec §3.2 step 4).
 NS5_COEFFS = (
@@ -133,10 +134,15 @@ def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
     The fifth value, history, is None unless with_history: then [(weights, momenta)] before the first update and
     after every update, the fast weights entering each chunk (LaCT.snapshots rebuilds prefix states from it).
     """
-    if q.shape[2] < 1:
-        raise ValueError("lact_chunked needs at least one token")
-    C = chunk_size
-    dt = weights[0].dtype
+    if q.dim() != 4 or q.shape[2] < 1:
+        raise ValueError(f"lact_chunked needs q of shape (B, H, T >= 1, d), got {tuple(q.shape)}")
+    B, H, T, _ = q.shape
+    if k.shape[:3] != (B, H, T) or v.shape[:3] != (B, H, T) or eta.shape != (B, H, T, 3) or m.shape != (B, H, T):
+        raise ValueError(f"k, v (B, H, T, d), eta (B, H, T, 3) and m (B, H, T) must match q's (B, H, T) = "
+                         f"{(B, H, T)}, got {tuple(k.shape)}, {tuple(v.shape)}, {tuple(eta.shape)}, {tuple(m.shape)}")
+    C = check_chunk_size(chunk_size)
+    dt = torch.promote_types(weights[0].dtype, torch.float32)  # the op's math in fp32 at least
+    weights, momenta, norms, buffer = (tuple(t.to(dt) for t in ts) for ts in (weights, momenta, norms, buffer))
     n_buf = buffer[0].shape[2]
     if n_buf >= C:
         raise ValueError(f"buffer holds {n_buf} tokens, must be < chunk_size {C}")

@@ -70,6 +70,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.mixer not in ("deltanet", "lact"):
             raise ValueError(f"unknown model {self.mixer!r}: choose 'deltanet' or 'lact'")
+        sizes = dict(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                     n_heads_fast=self.n_heads_fast, conv_size=self.conv_size, chunk_size=self.chunk_size,
+                     lact_chunk=self.lact_chunk, window=self.window)
+        if any(not isinstance(v, int) or v < 1 for v in sizes.values()):
+            raise ValueError(f"model sizes must be ints >= 1, got {sizes}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
@@ -152,6 +157,8 @@ class FastWeightLM(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty (B, T) tensor, got shape {tuple(tokens.shape)}")
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
+        if len(layer_states) != len(self.blocks):  # zip would silently run only as many blocks as states
+            raise ValueError(f"state has {len(layer_states)} layer states, the model {len(self.blocks)} blocks")
         x = self.embed(tokens)  # (B, T, D)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states):
@@ -273,12 +280,17 @@ class FastWeightLM(nn.Module):
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): greedy at temperature 0, else a draw from softmax(logits / temperature)."""
+    """logits (B, V) -> token ids (B,): greedy at temperature 0, else a draw from softmax(logits / temperature).
+    The max is subtracted before dividing (softmax does it anyway; at temperature 1 the numbers are the same), so a
+    tiny temperature tends to greedy instead of overflowing to inf / inf."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     if generator is None:  # never torch's global RNG: one seed drives everything, through explicit generators
         raise ValueError("sampling needs an explicit torch.Generator (common.make_generator)")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)  # (B, V)
     if not bool(torch.isfinite(probs).all()):
         raise FloatingPointError("cannot sample from non-finite logits (NaN or inf weights or activations)")
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B, 1) -> (B,)

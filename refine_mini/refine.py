@@ -19,7 +19,8 @@ Two paths compute `refine_loss` for FIXED rollouts and agree in loss and every g
 
 Schedules (`schedule`):
 - "single" (default): one optimizer step per batch. Rollouts are sampled from the very forward that is
-  differentiated, so it is exactly on-policy (ratio = 1, clipping never acts) and the cheapest: no separate
+  differentiated, so it is on-policy (ratio = 1 up to rounding: the rollouts decode token by token and the loss
+  reads them in one call, a last-bit difference, <= 1e-6 in fp32; clipping never acts) and the cheapest: no separate
   rollout pass. This equals the official loop with one mini-batch.
 - "minibatch" (official, §1.8): rollouts for the whole batch first (no grad), then `minibatches` optimizer steps over
   contiguous document slices, each recomputing its forward. Later mini-batches are slightly off-policy, which is
@@ -34,6 +35,7 @@ Deviations: the NTP term is the token-mean CE over all documents of the (mini-)b
 see selection.py / grpo.py for theirs. Documents of unequal length are read as one right-padded batch (causal, so
 the padding changes nothing before it; padded positions get no NTP target, no rollout and no reward).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +78,17 @@ class RefineConfig:
             raise ValueError(f"unknown reward {self.reward!r}: choose one of {REWARDS}")
         if self.schedule not in ("single", "minibatch"):
             raise ValueError(f"unknown schedule {self.schedule!r}: choose 'single' or 'minibatch'")
-        if min(self.c, self.k, self.n, self.minibatches) < 1:
-            raise ValueError("c, k, n and minibatches must all be >= 1")
+        counts = (self.c, self.k, self.n, self.minibatches)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in counts):
+            raise ValueError(f"c, k, n and minibatches must all be ints >= 1, got {counts}")
+        if not (0 < self.clip_eps < 1 and 1 < self.dual_clip < math.inf and 0 < self.adv_eps < math.inf):
+            raise ValueError(f"need 0 < clip_eps < 1, a finite dual_clip > 1 and a finite adv_eps > 0, got "
+                             f"{self.clip_eps}, {self.dual_clip}, {self.adv_eps}")
+        if not (0 < self.tau < math.inf):
+            raise ValueError(f"tau must be finite and > 0, got {self.tau}")
+        if self.smooth_kernel is not None and not (isinstance(self.smooth_kernel, int) and self.smooth_kernel >= 1
+                                                   and self.smooth_kernel % 2 == 1):
+            raise ValueError(f"smooth_kernel must be None or a positive odd int, got {self.smooth_kernel!r}")
         if not (0 <= self.lambda_ntp < float("inf") and 0 <= self.lambda_rl < float("inf")):
             raise ValueError(f"lambda_ntp and lambda_rl must be finite and >= 0, got {self.lambda_ntp}, {self.lambda_rl}")
 

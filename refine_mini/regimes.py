@@ -7,7 +7,7 @@ method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per 
 - mid (`--objective refine`, the default): long documents from the corpus (the built-in synthetic one, or --data);
   every batch is one §1.9 loop: entropy selection, c*n rollouts of k tokens, cosine reward, GRPO + NTP.
   λ_NTP 1, λ_RL 0.2, c 8, k 5, n 1, PPO ε 0.2 (paper §2 defaults; RefineConfig owns them).
-  Deviation: one optimizer step per batch (RefineConfig.schedule "single", exactly on-policy, no separate rollout
+  Deviation: one optimizer step per batch (RefineConfig.schedule "single", on-policy, no separate rollout
   pass), not the paper's 4 mini-batch steps; `--schedule minibatch --minibatches 4` runs the official schedule, where
   the later mini-batches are slightly off-policy and the PPO clip acts (refine.py). The baselines match either count.
 - mid `--objective ntp`: the baseline "SFT MidTr" -- NTP only on the same documents, with the SAME number of

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from refine_mini.model import sample_token
-from refine_mini.state import ModelState
+from refine_mini.state import ModelState, stack_problem
 from refine_mini.selection import eval_mode, pad_documents
 
 
@@ -115,19 +115,8 @@ def _assemble(model, hidden: list, positions: torch.Tensor, snapshots: list, ntp
 
 
 def can_stack(states: list) -> bool:
-    """True when ModelState.cat may join these states: equal non-tensor fields and equal tensor shapes past dim 0."""
-    for per_layer in zip(*(s.layers for s in states)):
-        first = per_layer[0]
-        for f in dataclasses.fields(first):
-            a = getattr(first, f.name)
-            for other in per_layer[1:]:
-                b = getattr(other, f.name)
-                if isinstance(a, torch.Tensor):
-                    if not isinstance(b, torch.Tensor) or a.shape[1:] != b.shape[1:]:
-                        return False
-                elif a != b:
-                    return False
-    return True
+    """True when ModelState.cat may join these states (state.stack_problem finds nothing)."""
+    return stack_problem(states) is None
 
 
 def stack_states(model, states: list) -> ModelState:

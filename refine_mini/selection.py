@@ -22,6 +22,7 @@ Deviations and choices:
   tokens x_r..x_{r+k-1} exist. Both are overridable. Clamping can make two chunks pick the same t.
 - τ is a parameter (the paper has one; the code has none, i.e. τ = 1).
 """
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -122,8 +123,15 @@ def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: in
     """entropy (B, T) (right-padded), lengths (B,) -> one prefix end per chunk: Selection with (B, c) tensors."""
     if mode not in MODES:
         raise ValueError(f"unknown selection mode {mode!r}: choose one of {MODES}")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (c, k)):
+        raise ValueError(f"c and k must be ints >= 1, got c={c!r}, k={k!r}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    lengths = torch.as_tensor(lengths, device=entropy.device)  # a list of ints too
+    if entropy.dim() != 2 or len(entropy) < 1 or lengths.shape != entropy.shape[:1] or \
+            not all(1 <= n <= entropy.shape[1] for n in lengths.tolist()):
+        raise ValueError(f"need entropy (B >= 1, T) and lengths (B,) in [1, T], got {tuple(entropy.shape)} and "
+                         f"{lengths.tolist()}")
     if generator is None and mode in ("entropy", "uniform"):  # never torch's global RNG (model.sample_token)
         raise ValueError(f"selection mode {mode!r} samples: it needs an explicit torch.Generator")
     if not bool(torch.isfinite(entropy).all()):

@@ -47,7 +47,10 @@ class ModelState:
 
     @staticmethod
     def cat(states: list["ModelState"]) -> "ModelState":
-        """Stack the rows of several states with identical non-tensor fields (e.g. same position)."""
+        """Stack the rows of several states of one model; ValueError (`stack_problem`) if they cannot be."""
+        problem = stack_problem(states)
+        if problem:
+            raise ValueError(f"cannot stack these states: {problem}")
         merged = []
         for per_layer in zip(*(s.layers for s in states)):
             first = per_layer[0]
@@ -55,3 +58,34 @@ class ModelState:
                        for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)}
             merged.append(dataclasses.replace(first, **changes))
         return ModelState(merged)
+
+
+def stack_problem(states: list[ModelState]) -> str | None:
+    """Why `ModelState.cat` cannot join these states, or None: it needs one or more states with the same number of
+    layers and, layer by layer, the same state type, equal non-tensor fields (e.g. LaCT's position) and equal tensor
+    shapes past the batch dim."""
+    if not states or len({len(s.layers) for s in states}) != 1:
+        return f"states of {[len(s.layers) for s in states]} layers (one or more states of one model are needed)"
+    for i, per_layer in enumerate(zip(*(s.layers for s in states))):
+        first = per_layer[0]
+        for other in per_layer[1:]:
+            if type(other) is not type(first):
+                return f"layer {i} holds a {type(first).__name__} and a {type(other).__name__}"
+            for f in dataclasses.fields(first):
+                a, b = getattr(first, f.name), getattr(other, f.name)
+                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                    if a.shape[1:] != b.shape[1:]:
+                        return f"layer {i} field {f.name}: shapes {tuple(a.shape)} and {tuple(b.shape)}"
+                elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                    return f"layer {i} field {f.name}: a {type(a).__name__} and a {type(b).__name__}"
+                elif a != b:
+                    return f"layer {i} field {f.name}: {a!r} and {b!r}"
+    return None
+
+
+def check_ends(ends: list, batch: int, length: int) -> None:
+    """A mixer's `snapshots(record, ends)` takes one list of positions per row of a (batch, length) pass, each t in
+    [0, length): the state after reading x[b, :t+1]. ValueError otherwise (a later t has not been read)."""
+    if len(ends) != batch or any(not 0 <= t < length for row in ends for t in row):
+        raise ValueError(f"snapshot positions {ends} do not fit a pass of {batch} rows of {length} tokens: one list "
+                         f"per row, each position in [0, {length})")

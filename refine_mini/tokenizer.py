@@ -65,5 +65,10 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids) -> str:
-    """Ids -> text. Invalid UTF-8 byte sequences (a rollout cut mid-character) become U+FFFD."""
-    return get_tokenizer().decode([int(i) for i in ids], errors="replace")
+    """Ids -> text. Invalid UTF-8 byte sequences (a rollout cut mid-character) become U+FFFD. An id outside
+    [0, vocab_size()) is a ValueError (tiktoken raises KeyError or OverflowError)."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size()]
+    if bad:
+        raise ValueError(f"token ids must be in [0, {vocab_size()}), got {bad[:5]}")
+    return get_tokenizer().decode(ids, errors="replace")

@@ -258,6 +258,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
                                                   "train": asdict(cfg)}, indent=2))
     encode = torch.compile(model.encode) if cfg.compile else model.encode  # the head's loss runs blockwise, eager
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]]
+    if not val:
+        print(f"note: no validation row of {cfg.seq_len} tokens; pre-training runs without validation")
     metrics, skipped = {}, 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"pretrain {model_cfg.mixer}")
     try:  # the log is closed however the loop ends (FloatingPointError, Ctrl-C)

@@ -148,3 +148,11 @@ def test_an_out_that_is_a_file_is_refused_and_left_as_it_was(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(tmp_path / "notes.txt")])
     assert "notes.txt: is a file; give a folder" in err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_data_given_to_post_training_is_refused_not_ignored(tmp_path, capsys, monkeypatch):
+    """Post-training trains on generated task prompts: a --data there was silently ignored."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("some text")
+    err = fails(capsys, train.main, ["--model", "deltanet", "--regime", "post", "--data", "c.txt"])
+    assert "--data is a pretrain/mid flag" in err and sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]

@@ -95,46 +95,6 @@ def _doc(i: int, words: int = 60) -> str:
     return " ".join(f"alpha{i} beta{i}" for _ in range(words))
 
 
-def test_load_txt_file_splits_on_separators(tmp_path):
-    """A .txt file splits on <|endoftext|> and on two or more blank lines; empty pieces are dropped."""
-    p = tmp_path / "c.txt"
-    p.write_text("one\n\ntwo still one<|endoftext|>three\n\n\n\nfour\n\n\n")
-    assert data.load_text_documents(p) == ["one\n\ntwo still one", "three", "four"]
-
-
-def test_load_folder_recursive_sorted(tmp_path):
-    """A folder means every .txt under it, sorted by path; other files are ignored."""
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "x.txt").write_text("second")
-    (tmp_path / "a.txt").write_text("first")
-    (tmp_path / "z.md").write_text("ignored")
-    assert data.load_text_documents(tmp_path) == ["first", "second"]
-
-
-def test_load_jsonl(tmp_path):
-    """A .jsonl file gives one document per line's "text" field; blank lines are skipped."""
-    p = tmp_path / "c.jsonl"
-    p.write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world", "id": 2}) + "\n")
-    assert data.load_text_documents(p) == ["hello", "world"]
-
-
-def test_bad_corpora_raise_value_errors(tmp_path):
-    """Empty corpus, missing path, bad JSON, missing "text", wrong suffix and non-UTF-8 name the file (and line)."""
-    (tmp_path / "empty.txt").write_text("\n\n\n  \n")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"text": \n')
-    notext = tmp_path / "notext.jsonl"
-    notext.write_text('{"text": "ok"}\n{"body": "x"}\n')
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
-    (tmp_path / "c.csv").write_text("a,b")
-    (tmp_path / "nothing").mkdir()
-    cases = {"empty.txt": "empty corpus", "bad.jsonl": "bad.jsonl:2: bad JSON", "notext.jsonl": "notext.jsonl:2:.*text",
-             "bin.txt": "UTF-8", "c.csv": "expected", "missing.txt": "no such file", "nothing": "no .txt files"}
-    for name, message in cases.items():
-        with pytest.raises(ValueError, match=message):
-            data.load_text_documents(tmp_path / name)
-
-
 def test_pack_and_filter_shapes():
     """pack: EOT after every document, rows of T, remainder dropped; filter: only documents ≥ T, truncated."""
     docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]

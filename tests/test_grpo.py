@@ -29,6 +29,25 @@ def test_advantages_have_zero_mean_and_unit_unbiased_std_in_each_group(sizes, se
         assert abs(float(a.std()) - std / (std + 1e-6)) < 1e-9
 
 
+def test_fp32_rewards_a_few_ulps_apart_get_the_formulas_advantages():
+    """fp32 rewards that differ by ulps (cosines of nearly equal states): the statistics run in fp64, so each
+    group's advantages sum to 0 and equal the fp64 formula (the fp32 mean rounded: A = [0, 0.1065] for the first)."""
+    pair = torch.tensor([1.0, 1.0000001])  # fp32: 1 and 1 + 2^-23
+    d = (float(pair[1]) - 1.0) / 2  # each reward's distance from the mean; the unbiased std is sqrt(2)·d
+    a = d / (2 ** 0.5 * d + 1e-6)  # 0.0550
+    assert group_advantages(pair, torch.tensor([0, 0]))[0].tolist() == pytest.approx([-a, a], rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(500, 1, generator=g) + 0.5
+    rewards = (base + torch.randint(-3, 4, (500, 8), generator=g) * 6e-8).float().flatten()  # (4000,) fp32
+    groups = torch.arange(500).repeat_interleave(8)
+    advantages, flat = group_advantages(rewards, groups)
+    exact, _ = group_advantages(rewards.double(), groups)
+    assert advantages.dtype == torch.float32
+    assert (advantages.double() - exact).abs().max() < 1e-6
+    sums = torch.zeros(500).index_add_(0, groups, advantages).abs()
+    assert sums[~flat].max() < 1e-6  # fp32 statistics: up to 0.9
+
+
 def test_equal_reward_and_singleton_groups_get_exactly_zero_and_no_gradient():
     """A group with identical rewards (or one row) has no baseline signal: advantage exactly 0, no NaN, and its
     rows contribute nothing to the policy gradient."""

@@ -155,3 +155,15 @@ def test_bad_block_size_is_a_value_error():
     hidden, weight, targets, _ = problem(3, 2, 4, torch.float64, 0)
     with pytest.raises(ValueError, match="block_rows"):
         head_loss(hidden, weight, targets, block_rows=0)
+
+
+def test_double_backward_raises():
+    """The fused path's gradient is precomputed in the forward, so it has no second derivative: a backward that
+    builds a graph (create_graph=True) raises, where the plain path gives the Hessian-vector product."""
+    hidden, weight, targets, row_weights = problem(7, 4, 11, torch.float64, seed=5)
+    loss, _, _ = head_loss(hidden, weight, targets, row_weights, block_rows=3)
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    loss, _, _ = head_loss_reference(hidden, weight, targets, row_weights)
+    (g,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    assert g.requires_grad  # the reference path is twice differentiable

@@ -158,7 +158,7 @@ def test_regime_flags_are_checked_before_a_base_is_pretrained(tmp_path, capsys, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(regimes, "base_checkpoint", lambda *a: pytest.fail("pre-trained a base for a bad flag"))
     err = fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid", "--c", "0"])
-    assert "c, k, n and minibatches must all be >= 1" in err
+    assert "c, k, n and minibatches must all be ints >= 1, got (0, 5, 1, 4)" in err
     assert "too short for task" in fails(capsys, train.main, ["--model", "deltanet", "--regime", "post", "--seq-len",
                                                               "64"])
     assert "cannot be cut into c=100 chunks" in fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid",

@@ -150,3 +150,29 @@ def test_the_state_holds_only_its_own_memory(mixer, short, long):
                     assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), name
         sizes.append(state_bytes(state))
     assert sizes[0] == sizes[1] > 0
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "d_model", "n_layers", "n_heads", "n_heads_fast", "conv_size",
+                                   "chunk_size", "lact_chunk", "window"])
+def test_model_sizes_below_one_are_refused(field):
+    """ModelConfig(n_heads=0) divided by zero, and other zero sizes failed inside a layer: one ValueError now."""
+    with pytest.raises(ValueError, match="model sizes must be ints >= 1"):
+        ModelConfig(**{field: 0})
+
+
+def test_sampling_temperature_must_be_finite_and_non_negative():
+    """A negative temperature sampled from the inverted distribution and inf uniformly, without complaint: both are
+    ValueErrors now, for sample_token and generate. A tiny positive one tends to greedy (the max is subtracted
+    before dividing) instead of overflowing into a misleading NaN-weights error; at temperature 1 the draw is
+    multinomial(softmax(logits)) as before, bit for bit."""
+    from refine_mini.model import sample_token
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 5
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+            sample_token(logits, bad, torch.Generator().manual_seed(1))
+        with pytest.raises(ValueError, match="temperature must be finite"):
+            tiny("deltanet").generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=bad,
+                                      generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_token(logits, 1e-40, torch.Generator().manual_seed(1)), logits.argmax(-1))
+    expected = torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(2))[:, 0]
+    assert torch.equal(sample_token(logits, 1.0, torch.Generator().manual_seed(2)), expected)

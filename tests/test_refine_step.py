@@ -234,3 +234,16 @@ def test_the_configured_reward_drives_the_advantage(reward, monkeypatch):
                 torch.Generator().manual_seed(0))
     assert not torch.equal(seen["rewards"]["binary"], seen["rewards"]["cosine"])  # the rewards are distinguishable
     assert torch.equal(seen["input"], seen["rewards"][reward])
+
+
+@pytest.mark.parametrize("bad", [dict(clip_eps=-0.1), dict(clip_eps=2.0), dict(dual_clip=0.5), dict(adv_eps=-1.0),
+                                 dict(tau=0.0), dict(tau=float("nan")), dict(smooth_kernel=4), dict(smooth_kernel=0),
+                                 dict(c=2.5), dict(k=True)])
+def test_refine_config_refuses_values_that_would_change_the_loss_silently(bad):
+    """A negative or > 1 clip, a dual clip <= 1, a non-positive adv_eps or tau, an even or zero smoothing kernel
+    and non-integer counts are ValueErrors when the config is made, not a silently different loss (or an error
+    deep inside the step)."""
+    with pytest.raises(ValueError):
+        RefineConfig(**bad)
+    RefineConfig(clip_eps=0.1, dual_clip=2.0, adv_eps=1e-8, tau=0.5, smooth_kernel=3)  # the edges that are fine
+

@@ -181,3 +181,20 @@ def test_sampling_without_an_explicit_generator_is_refused():
     assert torch.equal(sample_token(logits, 0.0, None), logits.argmax(-1))  # greedy needs none
     draws = [sample_token(logits, 1.0, torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*draws)  # the generator alone decides the draw
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(c=0), "c and k must be ints >= 1"), (dict(c=-1), "c and k must be ints"), (dict(c=2.0), "c and k"),
+    (dict(k=0), "c and k must be ints"), (dict(tau=float("nan")), "tau must be finite"),
+    (dict(tau=float("inf")), "tau must be finite"), (dict(lengths=[40, 41]), r"lengths \(B,\) in \[1, T\]"),
+    (dict(lengths=[40]), r"lengths \(B,\)"), (dict(entropy=torch.rand(0, 40)), r"entropy \(B >= 1, T\)")])
+def test_select_positions_refuses_bad_arguments(bad, message):
+    """Counts, tau, lengths past T and an empty batch are one-line ValueErrors (before: ZeroDivisionError, a
+    multinomial error for tau = NaN, shape RuntimeErrors); lengths given as a list of ints are accepted."""
+    args = dict(entropy=torch.rand(2, 40, generator=torch.Generator().manual_seed(0)), lengths=[40, 30], c=4, k=3,
+                tau=1.0)
+    good = select_positions(**args, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(good.positions, select_positions(**{**args, "lengths": torch.tensor([40, 30])},
+                                                        generator=torch.Generator().manual_seed(1)).positions)
+    with pytest.raises(ValueError, match=message):
+        select_positions(**{**args, **bad}, generator=torch.Generator().manual_seed(1))

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from refine_mini import tokenizer
+from refine_mini.tokenizer import decode, eot_id, vocab_size
 
 
 def test_rank_file_sha256_matches_the_documented_one():
@@ -46,3 +47,12 @@ def test_a_corrupted_rank_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "RANK_FILE", bad)
     with pytest.raises(RuntimeError, match="corrupted"):
         tokenizer.load_ranks(bad)
+
+
+def test_decode_refuses_ids_outside_the_vocabulary():
+    """An id past the vocabulary (or negative) is a ValueError naming it, not tiktoken's KeyError/OverflowError;
+    the last real id, <|endoftext|>, decodes."""
+    for bad in ([vocab_size()], [-1], [3, 10 ** 6]):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 8193\)"):
+            decode(bad)
+    assert decode([eot_id()]) == "<|endoftext|>"
