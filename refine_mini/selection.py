@@ -128,17 +128,17 @@ def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: in
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be finite and > 0, got {tau}")
     lengths = torch.as_tensor(lengths, device=entropy.device)  # a list of ints too
+    lens = lengths.tolist()  # (B,) as ints: one host sync for the checks and the per-document loop below
     if entropy.dim() != 2 or len(entropy) < 1 or lengths.shape != entropy.shape[:1] or \
-            not all(1 <= n <= entropy.shape[1] for n in lengths.tolist()):
-        raise ValueError(f"need entropy (B >= 1, T) and lengths (B,) in [1, T], got {tuple(entropy.shape)} and "
-                         f"{lengths.tolist()}")
+            not all(1 <= n <= entropy.shape[1] for n in lens):
+        raise ValueError(f"need entropy (B >= 1, T) and lengths (B,) in [1, T], got {tuple(entropy.shape)} and {lens}")
     if generator is None and mode in ("entropy", "uniform"):  # never torch's global RNG (model.sample_token)
         raise ValueError(f"selection mode {mode!r} samples: it needs an explicit torch.Generator")
     if not bool(torch.isfinite(entropy).all()):
         raise FloatingPointError("non-finite next-token entropies (the logits overflowed); stopping")
     smoothed = smooth_entropy(entropy, lengths, smoothing_kernel(k) if kernel is None else kernel)  # (B, T)
     rows = []
-    for b, length in enumerate(lengths.tolist()):
+    for b, length in enumerate(lens):
         check_document_length(length, c, k, min_prefix, end_margin)
         C = length // c  # chunk size; the last length mod c tokens are never eligible
         raw = entropy[b, :c * C].reshape(c, C)  # (c*C,) -> (c, C): row j = chunk [jC, (j+1)C)
