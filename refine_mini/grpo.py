@@ -50,7 +50,9 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                   clip_eps: float = 0.2, dual_clip: float = 3.0):
-    """logp, old_logp (N, k), advantages (N,) -> (token-mean loss, stats dict of floats)."""
+    """logp, old_logp (N, k), advantages (N,) -> (token-mean loss, stats dict of floats): `clip_frac`, the fraction
+    of tokens where the clipped term is the active one (-A·clip(ρ) > -A·ρ, not merely ρ outside [1-ε, 1+ε]);
+    `dual_clip_frac`, where the -A·c cap is (A < 0 and -A·c < -A·ρ); `ratio_mean`; `ratio_max_dev` = max |ρ - 1|."""
     # ρ = exp(clamp(logp - old_logp, -20, 20))
     ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # (N, k)
     adv = advantages[:, None].to(ratio.dtype)  # (N, 1): the outcome advantage of a row, broadcast over its k tokens

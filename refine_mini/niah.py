@@ -85,7 +85,8 @@ def fill_haystack(rng: random.Random, haystack: str, n_tokens: int) -> tuple[lis
 
 def assemble(prefix: list[int], needles: list[tuple[int, ...]], depths: list[float], suffix: list[int], length: int,
              rng: random.Random, haystack: str) -> tuple[list[int], list[int]]:
-    """prefix + haystack with needles at depths + suffix, exactly `length` tokens -> (ids, needle start positions)."""
+    """prefix + haystack with needles at depths + suffix, exactly `length` tokens -> (ids, needle start positions).
+    ValueError for a length too short to hold prefix, needles and suffix, or a depth outside [0, 1] (naming "depth")."""
     budget = length - len(prefix) - len(suffix) - sum(len(n) for n in needles)
     if budget < 0:
         raise ValueError(f"length {length} is too short for this task: needs at least {length - budget} tokens")
@@ -135,7 +136,7 @@ def make_niah_example(task: str, length: int, depth: float, rng: random.Random, 
 
 def score_niah(output: str, answers: list[str]) -> float:
     """RULER recall: fraction of gold answers found (case-insensitive substring) in the output's first line (the
-    cut is our deviation, see the module docstring)."""
+    cut is our deviation, see the module docstring). ValueError for an empty list of answers."""
     if not answers:
         raise ValueError("score_niah needs at least one gold answer")
     line = output.split("\n", 1)[0].lower()

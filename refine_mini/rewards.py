@@ -24,7 +24,8 @@ REWARDS = ("cosine", "binary", "hybrid")
 def compute_rewards(rollouts: Rollouts, tokens: torch.Tensor, h_gt: torch.Tensor,
                     lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """tokens (B, T) and h_gt (B, T, D) of the documents (right-padded), lengths (B,) their real lengths (None: all T)
-    -> {"cosine", "binary", "hybrid"}: (N,) each. A ground truth that would reach into the padding is an error."""
+    -> {"cosine", "binary", "hybrid"}: (N,) each. A rollout whose ground truth would reach past the end of its
+    document (into the padding) is a ValueError saying it runs "past the end"."""
     N, k = rollouts.tokens.shape
     ends = tokens.shape[1] if lengths is None else lengths.to(tokens.device)[rollouts.doc]  # () or (N,)
     if bool((rollouts.pos + k >= ends).any()):

@@ -83,7 +83,8 @@ def smoothing_kernel(k: int) -> int:
 
 
 def smooth_entropy(entropy: torch.Tensor, lengths: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Centred moving average, zero padding counted: ẽ_t = (1/kernel) sum_{|i| <= kernel//2} e_{t+i}. (B, T) -> (B, T)."""
+    """Centred moving average, zero padding counted: ẽ_t = (1/kernel) sum_{|i| <= kernel//2} e_{t+i}. (B, T) -> (B, T).
+    ValueError unless kernel is a positive odd int."""
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"smoothing kernel must be a positive odd integer, got {kernel}")
     T = entropy.shape[1]
@@ -120,7 +121,11 @@ def check_document_length(length: int, c: int, k: int, min_prefix: int | None = 
 def select_positions(entropy: torch.Tensor, lengths: torch.Tensor, c: int, k: int, mode: str = "entropy",
                      tau: float = 1.0, kernel: int | None = None, generator: torch.Generator | None = None,
                      min_prefix: int | None = None, end_margin: int | None = None) -> Selection:
-    """entropy (B, T) (right-padded), lengths (B,) -> one prefix end per chunk: Selection with (B, c) tensors."""
+    """entropy (B, T) (right-padded), lengths (B,) -> one prefix end per chunk: Selection with (B, c) tensors.
+    ValueError for: an unknown mode; c or k not an int >= 1; a tau that is not finite and > 0 (the message names
+    "tau"); lengths not (B,) in [1, T] or an empty batch (it names "lengths"); a sampling mode ("entropy",
+    "uniform") without a generator (it names the "generator": never torch's global RNG); a document too short for
+    c chunks and k-token rollouts (check_document_length)."""
     if mode not in MODES:
         raise ValueError(f"unknown selection mode {mode!r}: choose one of {MODES}")
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (c, k)):

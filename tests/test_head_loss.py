@@ -82,7 +82,7 @@ def test_no_gradient_is_computed_or_kept_without_grad_mode_and_one_sided_grads_w
         loss, _, _ = head_loss(hidden, weight, targets, block_rows=4)
     assert seen == [True] * 3  # 9 rows in blocks of 4, none with a gradient accumulator
     assert not loss.requires_grad and loss.grad_fn is None
-    assert loss == head_loss_reference(hidden, weight, targets)[0]
+    torch.testing.assert_close(loss, head_loss_reference(hidden, weight, targets)[0], rtol=1e-12, atol=0)  # sum order
     for frozen in ("hidden", "weight"):  # only the other input requires grad (e.g. a frozen head)
         h, w = (hidden.detach(), weight) if frozen == "hidden" else (hidden, weight.detach())
         for t in (hidden, weight):
@@ -95,7 +95,9 @@ def test_no_gradient_is_computed_or_kept_without_grad_mode_and_one_sided_grads_w
 
 def test_fused_never_holds_the_logits_and_the_plain_path_does():
     """Peak tensor memory of forward + backward at N = 4096 rows, V = 8193, D = 128: the plain path holds several
-    (N, V) fp32 tensors (128 MiB each), the fused one a few (256, V) blocks and (N, D) gradients."""
+    (N, V) fp32 tensors (128 MiB each), the fused one a few (256, V) blocks and (N, D) gradients (ours: 22 MiB).
+    The bound is half of ONE (N, V) tensor, so any version that never holds the logits passes: a plain _block with a
+    new tensor per op peaks at 38-54 MiB (a teaching-table student check), the full-logits path at >= 256 MiB."""
     hidden, weight, targets, _ = problem(4096, 128, 8193, torch.float32, 3)
     logits_bytes = 4096 * 8193 * 4
 
@@ -106,7 +108,7 @@ def test_fused_never_holds_the_logits_and_the_plain_path_does():
     if fused is None:
         pytest.skip("this PyTorch's profiler does not expose its memory events")
     assert plain >= 2 * logits_bytes
-    assert fused < logits_bytes / 4
+    assert fused < logits_bytes / 2
 
 
 @pytest.mark.parametrize("mixer", ["deltanet", "lact"])

@@ -171,7 +171,7 @@ def test_sampling_without_an_explicit_generator_is_refused():
     from refine_mini.model import sample_token
     entropy, lengths = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([64, 64])
     for mode in ("entropy", "uniform"):
-        with pytest.raises(ValueError, match="explicit torch.Generator"):
+        with pytest.raises(ValueError, match="(?i)generator"):  # the word select_positions' docstring promises
             select_positions(entropy, lengths, 4, 3, mode)
     for mode in ("argmax", "argmin"):  # deterministic modes need none
         assert select_positions(entropy, lengths, 4, 3, mode).positions.shape == (2, 4)
@@ -184,13 +184,13 @@ def test_sampling_without_an_explicit_generator_is_refused():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(c=0), "c and k must be ints >= 1"), (dict(c=-1), "c and k must be ints"), (dict(c=2.0), "c and k"),
-    (dict(k=0), "c and k must be ints"), (dict(tau=float("nan")), "tau must be finite"),
-    (dict(tau=float("inf")), "tau must be finite"), (dict(lengths=[40, 41]), r"lengths \(B,\) in \[1, T\]"),
-    (dict(lengths=[40]), r"lengths \(B,\)"), (dict(entropy=torch.rand(0, 40)), r"entropy \(B >= 1, T\)")])
+    (dict(c=0), ""), (dict(c=-1), ""), (dict(c=2.0), ""), (dict(k=0), ""), (dict(tau=float("nan")), "tau"),
+    (dict(tau=float("inf")), "tau"), (dict(lengths=[40, 41]), "lengths"), (dict(lengths=[40]), "lengths"),
+    (dict(entropy=torch.rand(0, 40)), "lengths"), (dict(entropy=torch.rand(0, 40), lengths=[]), "lengths")])
 def test_select_positions_refuses_bad_arguments(bad, message):
     """Counts, tau, lengths past T and an empty batch are one-line ValueErrors (before: ZeroDivisionError, a
-    multinomial error for tau = NaN, shape RuntimeErrors); lengths given as a list of ints are accepted."""
+    multinomial error for tau = NaN, shape RuntimeErrors); lengths given as a list of ints are accepted. The messages
+    are matched only on the words the docstring promises (a student's version words them its own way)."""
     args = dict(entropy=torch.rand(2, 40, generator=torch.Generator().manual_seed(0)), lengths=[40, 30], c=4, k=3,
                 tau=1.0)
     good = select_positions(**args, generator=torch.Generator().manual_seed(1))
