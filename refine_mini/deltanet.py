@@ -170,6 +170,8 @@ class DeltaNet(nn.Module):
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
     def _run(self, x: torch.Tensor, state: DeltaNetState | None, record: bool = False):
+        """x (B, T, D), state or None (zeros) -> (y (B, T, D), the new DeltaNetState, record or None). The record
+        (record=True) is (incoming conv window, x, k, v, beta, chunk-entry states, final S), what `snapshots` reads."""
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
         B, T, _ = x.shape

@@ -13,21 +13,22 @@ from refine_mini.deltanet import DeltaNet, DeltaNetState
 from tests.test_deltanet import F32, F64, rel
 
 
-def make_layer(recurrent_below=64, chunk_size=8, Dk=6, Dv=5):
+def make_layer(recurrent_below=64, chunk_size=8, Dk=6, Dv=5, conv_size=4):
     torch.manual_seed(0)
     layer = DeltaNet(d_model=12, n_heads=2, head_dim_k=Dk, head_dim_v=Dv, chunk_size=chunk_size,
-                     recurrent_below=recurrent_below).double()
+                     recurrent_below=recurrent_below, conv_size=conv_size).double()
     with torch.no_grad():                       # larger weights than the 0.02 init so the test sees real signal
         for p in layer.parameters():
             p.normal_(0, 0.5)
     return layer
 
 
-@given(T=st.integers(2, 80), data=st.data(), below=st.sampled_from([0, 5, 64]))
-def test_layer_streaming_equals_full(T, data, below):
-    """Any segmentation of a sequence (state carried, conv gets its cached left context) == one full call."""
+@given(T=st.integers(2, 80), data=st.data(), below=st.sampled_from([0, 5, 64]), conv=st.sampled_from([1, 2, 4]))
+def test_layer_streaming_equals_full(T, data, below, conv):
+    """Any segmentation of a sequence (state carried, conv gets its cached left context, an empty one at conv size
+    1, where the slice ctx[:, -(W-1):] would keep everything) == one full call."""
     cuts = sorted(set(data.draw(st.lists(st.integers(1, T - 1), max_size=4), label="cuts")))
-    layer = make_layer(recurrent_below=below)
+    layer = make_layer(recurrent_below=below, conv_size=conv)
     x = torch.randn(2, T, 12, dtype=F64, generator=torch.Generator().manual_seed(T))
     y_full, st_full = layer(x)
     ys, state = [], None
