@@ -206,15 +206,11 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         return o, h, hs
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do, dh, dhs):
         if torch.is_grad_enabled():  # autograd runs a backward in grad mode only under create_graph=True
             raise RuntimeError("delta_rule_chunked is not twice differentiable (its backward is hand-written); "
                                "use delta_rule_recurrent for higher derivatives")
-        return _ChunkedDeltaRule._backward(ctx, do, dh, dhs)
-
-    @staticmethod
-    @autocast_off
-    def _backward(ctx, do, dh, dhs):
         # dO may be expanded (stride 0, from a loss like o.sum()): chunk_backward makes it dense once, scaled
         dhs = dhs.contiguous() if dhs.numel() else None
         return (*chunk_backward(do, dh, ctx.scale, *ctx.saved_tensors, dh_chunks=dhs), None, None, None)
