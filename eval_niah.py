@@ -21,7 +21,8 @@ What runs:
 Output: a heatmap per run and task (ANSI colours on a terminal; --no-color or NO_COLOR=1 for plain text), a summary
 table with the runs side by side, and a JSON file (--out; default next to the run, or runs/eval_niah.json for several
 runs) with every cell, the recurrent-state size per length and the peak memory. The JSON is written atomically at the
-end, so an interrupted or failed evaluation never damages a previous results file.
+end, so an interrupted or failed evaluation never damages a previous results file, and before the report is printed
+(with the PNG), so a reader that stops early (`| head`) costs nothing.
 
 --plot FILE.png needs matplotlib (optional): without it the script stops *before* evaluating, with a one-line
 "pip install matplotlib" hint and exit status 2. Bad input (unknown task, non-positive length, depth outside [0, 1],
@@ -130,7 +131,11 @@ def make_plan(args, runs) -> tuple[list[dict], dict]:
     point_length = lengths[len(lengths) // 2]  # the middle length (the training length T for the quick grid, T >= 256)
     try:
         check_grid(grid_tasks, lengths, depths, samples, args.haystack)
-        check_grid(point_tasks, [point_length], [POINT_DEPTH], samples, args.haystack)
+        try:
+            check_grid(point_tasks, [point_length], [POINT_DEPTH], samples, args.haystack)
+        except ValueError as e:  # tasks the user did not name: say where they come from and how to leave them out
+            raise ValueError(f"{e} (a one-point summary task of the default plan, run at the middle --lengths value; "
+                             f"--tasks {' '.join(grid_tasks)} runs the grid alone)") from None
         if min(args.prefill_tokens, args.batch) < 1:
             raise ValueError("--prefill-tokens and --batch must be >= 1")
     except ValueError as e:
@@ -266,17 +271,20 @@ def main(argv=None) -> dict:
             "state_bytes_method": "bytes of the storages behind the ModelState after the prefill, per row",
             "protocol": "method.md §6, scaled down (see refine_mini/evaluate.py)"}
     results = {"meta": meta, "grid": grid, "runs": records, "cells": cells}
-    report(results, use_color(args.no_color))
     write_atomic(out, lambda f: f.write(json.dumps(results, indent=1).encode()))  # makes the folders
-    print(f"\nresults: {out}  ({len(cells)} cells, {results['meta']['seconds']} s)")
-    if args.plot:
+    if args.plot:  # both files before the report: a closed stdout (| head) must not cost the results
         labels = list(dict.fromkeys(c["label"] for c in cells if c["task"] in grid["grid_tasks"]))
         panels = [[(f"{r['name']}: {label}", {(c["length"], c["depth"]): c["score"] for c in cells
                                               if c["run"] == r["name"] and c["label"] == label}) for label in labels]
                   for r in records]  # one row of panels per run, one column per task
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         save_png(args.plot, panels, grid["lengths"], grid["depths"])
-        print(f"plot: {args.plot}")
+    try:
+        report(results, use_color(args.no_color))
+        print(f"\nresults: {out}  ({len(cells)} cells, {results['meta']['seconds']} s)"
+              + (f"\nplot: {args.plot}" if args.plot else ""), flush=True)
+    except BrokenPipeError:  # the reader left early (| head): the files are written, so stop printing quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
     return results
 
 

@@ -30,7 +30,7 @@ import torch
 from refine_mini import tokenizer
 from refine_mini.common import (PRECISIONS, CheckpointError, checkpoint_seq_len, fail, keep_freed_memory,
                                 load_checkpoint, out_of_memory, pick_device, set_seed)
-from refine_mini.niah import TASKS, check_prompt_budget, make_task_examples
+from refine_mini.niah import TASKS, check_length, check_prompt_budget, make_task_examples
 from refine_mini.posttrain import score_examples
 from refine_mini.regimes import inner_update, ntp_step, refine_config, step_generator
 from refine_mini.trainer import apply_compute_settings, check_lr, make_optimizer, model_from_checkpoint
@@ -133,6 +133,10 @@ def main(argv=None) -> dict:
         set_seed(args.seed)
         ckpt = load_checkpoint(args.ckpt, vocab=tokenizer.vocab_size())
         length = args.length or checkpoint_seq_len(ckpt)
+        try:  # name the length: without --length it is the checkpoint's, which the user never typed
+            check_length(args.task, length, name="--length" if args.length else "the checkpoint's seq_len")
+        except ValueError as e:
+            raise ValueError(f"{e}{'' if args.length else '; pass a longer --length'}") from None
         check_prompt_budget(args.samples, length, "--samples and --length")
         examples = make_task_examples(args.task, args.samples, length, None, args.seed, split="eval")
         cfg = TTTConfig(lr=args.lr, sft_steps=args.sft_steps, grad_checkpoint=args.grad_checkpoint,

@@ -98,9 +98,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     """An explicit generator for sampling on `device` (CUDA sampling needs a CUDA generator)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+    return torch.Generator(device=device).manual_seed(seed)  # manual_seed returns the generator
 
 
 def clock(device: torch.device | str) -> float:
@@ -193,6 +191,8 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
         raise CheckpointError(f"checkpoint {path} is not a refine_mini checkpoint (format {CHECKPOINT_FORMAT})")
     if not isinstance(ckpt.get("model_config"), dict) or "mixer" not in ckpt["model_config"]:
         raise CheckpointError(f"checkpoint {path} has no model_config naming its mixer")
+    if not isinstance(ckpt.get("train_config") or {}, dict):  # every reader does (train_config or {}).get(...)
+        raise CheckpointError(f"checkpoint {path}: its train_config is not a dict: {ckpt['train_config']!r:.80}")
     missing = [key for key in (("optimizer", "step", "rng") if for_resume else ()) if key not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it holds no {', '.join(missing)}")
@@ -236,12 +236,11 @@ def base_checkpoint(args, device) -> Path:
 
 
 def checkpoint_seq_len(ckpt: dict) -> int:
-    """The sequence length a checkpoint was trained at (512 when it does not say)."""
+    """The sequence length a checkpoint was trained at (512 when it does not say); CheckpointError unless an int > 0."""
     value = (ckpt.get("train_config") or {}).get("seq_len") or 512
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"the checkpoint's train_config.seq_len is not a length: {value!r}") from None
+    if type(value) is int and value > 0:  # not True, 256.0, inf or "512": train.py saves an int
+        return value
+    raise CheckpointError(f"the checkpoint's train_config.seq_len is not a length: {value!r:.80}")
 
 
 def check_writable(path: str | Path, prefix: str, folder: bool = False) -> None:

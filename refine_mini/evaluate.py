@@ -125,7 +125,8 @@ def greedy_decode(model, prompts: torch.Tensor, max_new_tokens: int, prefill_tok
 def greedy_outputs(model, examples, device, prefill_tokens: int = 4096, max_batch: int = 32):
     """Greedy, uncut outputs (they may run past the newline: the batch stops when every row has one) for a list of
     Examples, and the set of per-row state sizes seen. Prompts of equal length are decoded together, `max_batch`
-    at a time."""
+    at a time; a row keeps at most its own example's max_new_tokens of the batch's budget (the largest), so an
+    output is the same decoded alone or beside a task with a larger budget."""
     outputs, bytes_seen, by_len, eot = [""] * len(examples), set(), {}, tokenizer.eot_id()
     for i, ex in enumerate(examples):
         by_len.setdefault(len(ex.prompt_ids), []).append(i)
@@ -136,7 +137,7 @@ def greedy_outputs(model, examples, device, prefill_tokens: int = 4096, max_batc
         new, nbytes = greedy_decode(model, prompts, budget, prefill_tokens)  # (B, N)
         bytes_seen.add(nbytes)
         for i, row in zip(idx, new):
-            ids = row.tolist()
+            ids = row.tolist()[:examples[i].max_new_tokens]
             outputs[i] = tokenizer.decode(ids[:ids.index(eot)] if eot in ids else ids)  # EOS ends the answer
     return outputs, bytes_seen
 
@@ -240,6 +241,10 @@ def check_plot_path(path: Path, out: Path) -> None:
     """Raise ValueError unless the heatmap PNG can be written at `path` later, beside (not over) the results."""
     if path.suffix.lower() != ".png":
         raise ValueError(f"--plot {path}: give a file name ending in .png")
-    if path.absolute() == out.absolute():
+    try:
+        same = path.resolve() == out.resolve()  # resolved: sub/../r.png, or a link to it, is the same file
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+        same = False
+    if same:
         raise ValueError(f"--plot {path} is the results file (--out); give the picture another name")
     check_writable(path, f"--plot {path}")
