@@ -96,8 +96,16 @@ def resolve_runs(args, device) -> list:
     if not paths:
         fail(f"no runs with a ckpt.pt under {args.runs}/; make one with: "
              "python train.py --model deltanet --regime pretrain   (or pass --ckpt PATH)")
-    runs = []
+    runs, seen = [], set()
     for path in paths:
+        try:
+            same = (path / "ckpt.pt" if path.is_dir() else path).resolve()  # run/, run/ckpt.pt, a link: one file
+        except (OSError, RuntimeError):  # a link loop or a name too long: load_run's checkpoint error names it
+            same = path
+        if same in seen:
+            print(f"note: {path} names a checkpoint already listed; it is evaluated once", file=sys.stderr)
+            continue
+        seen.add(same)
         try:
             folder_of_runs = path.is_dir() and not (path / "ckpt.pt").is_file()
         except OSError:  # a name too long, say: load_run's checkpoint error names it

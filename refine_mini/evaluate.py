@@ -11,7 +11,7 @@ How generation runs: the prompt is prefilled once and the answer decoded token b
 (`FastWeightLM.generate`); the prefix is never re-encoded. The prompt is prefilled in segments of
 `prefill_tokens // B` positions, carrying the state between segments -- the same result as one pass
 (tests/test_model.py checks that invariant), but the (B, T, V) fp32 logits that `forward` returns for a long prompt
-would otherwise dominate memory; this way they never exceed prefill_tokens x V floats, whatever T and B are. All
+would otherwise dominate memory; this way they never exceed max(prefill_tokens, B) x V floats, whatever T is. All
 samples of one row (a task and length, every depth) are decoded as one batch: their prompts have exactly `length`
 tokens.
 

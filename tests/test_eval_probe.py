@@ -106,3 +106,15 @@ def test_a_reader_that_stops_early_costs_no_results(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "Exception ignored" not in err, err
     assert [(c["task"], c["length"], c["depth"]) for c in json.loads(out.read_text())["cells"]] == [("s_niah", 96, 0.0)]
+
+
+def test_one_checkpoint_named_twice_is_evaluated_once(tmp_path, capsys):
+    """run/, run/ckpt.pt and a link to it are one checkpoint: it used to be evaluated (and reported) three times."""
+    run = save_tiny_run(tmp_path / "run")
+    (tmp_path / "link.pt").symlink_to(run / "ckpt.pt")
+    other = save_tiny_run(tmp_path / "other")
+    args = ["--tasks", "s_niah", "--lengths", "96", "--depths", "0", "--samples", "1", "--no-color", "--threads", "1"]
+    results = eval_niah.main(["--ckpt", str(run), str(run / "ckpt.pt"), str(tmp_path / "link.pt"), str(other),
+                              "--out", str(tmp_path / "r.json"), *args])
+    assert [r["name"] for r in results["runs"]] == ["run", "other"]
+    assert "evaluated once" in capsys.readouterr().err

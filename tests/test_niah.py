@@ -123,6 +123,9 @@ def test_scorers_on_hand_written_outputs():
     assert niah.score("qa", "x", ["y"]) == 0.0 and niah.score("mv_niah", "a b", ["a", "c"]) == 0.5
     with pytest.raises(ValueError):
         niah.score_niah("x", [])
+    for blank in ([""], ["1234567", " "]):  # a blank gold answer is in every line: it must not score a match
+        with pytest.raises(ValueError, match="blank"):
+            niah.score_niah("x", blank)
 
 
 def test_determinism_for_a_seed():
