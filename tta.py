@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def adapt(model, optimizer, prompts: torch.Tensor, method: str, cfg: TTTConfig, rcfg, generator) -> int:
-    """Update the weights on prompts (B, T) with `method`; returns the number of optimizer steps taken."""
+    """Update the weights on prompts (B, T) with `method`; returns the number of optimizer steps taken.
+
+    In train mode. "none": no update, 0. "sft-ttt": one ntp_step on each non-empty slice of
+    torch.tensor_split(prompts, cfg.sft_steps), so every prompt is in exactly one step. "refine-ttt":
+    inner_update(model, optimizer, prompts, "refine", rcfg, generator, cfg.grad_clip)."""
     model.train()  # differentiable fast-weight updates: gradients flow through the prompt's recurrent state
     if method == "refine-ttt":
         return len(inner_update(model, optimizer, prompts, "refine", rcfg, generator, cfg.grad_clip))
@@ -92,7 +96,12 @@ def run_method(ckpt: dict, examples: list, method: str, mode: str, cfg: TTTConfi
                device, on_batch=None) -> tuple[list[float], int]:
     """Score `examples` batch by batch after adapting on each batch. Returns (per-example scores, optimizer steps).
 
-    on_batch(b, model), if given, is called right before batch b is adapted (tests inspect the weights there)."""
+    One model from the checkpoint (with apply_compute_settings), one make_optimizer(model, cfg), rcfg from
+    cfg.refine. Batch b = examples[b·batch_size:(b+1)·batch_size], prompts (B, T) their prompt_ids: under mode
+    "reset" (b > 0) first the checkpoint's weights and a fresh optimizer ("cumulative" keeps both), then
+    adapt(..., step_generator(seed, b, 1, device)), then score_examples on the batch with the adapted weights.
+    on_batch(b, model), if given, is called right before batch b is adapted, after any reset (tests inspect the
+    weights there)."""
     model = model_from_checkpoint(ckpt, device)
     apply_compute_settings(model, cfg)  # ValueError for a bad segment
     initial = {name: t.detach().clone() for name, t in model.state_dict().items()}

@@ -185,7 +185,8 @@ class FastWeightLM(nn.Module):
         """block(x, state) -> (x, state, the mixer's record if `recorded` else None).
 
         With `grad_checkpoint` on and autograd recording, the block's inner activations are not kept: the backward
-        recomputes them from its inputs (method.md §2: the paper trains with per-layer gradient checkpointing). With
+        recomputes them from its inputs (method.md §2: the paper trains with per-layer gradient checkpointing), a
+        non-reentrant checkpoint (use_reentrant=False: the incoming ModelState is no tensor but needs grads). With
         `checkpoint_segment` S > 0 the block reads S-token pieces one after another, each checkpointed on its own,
         carrying the state: the same numbers (a split pass equals one pass), and the backward recomputes one piece
         at a time. Without grad the pieces apply too (one piece's transient activations at a time). A recorded pass

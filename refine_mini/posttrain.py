@@ -71,7 +71,9 @@ def answer_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def sft_step(model, optimizer, examples, grad_clip: float, device) -> dict:
-    """One optimizer step of answer SFT on `examples` (method.md §3 (b))."""
+    """One optimizer step of answer SFT on `examples` (method.md §3 (b)): answer_loss on answer_batch(examples,
+    device), backward, clip_and_step; a non-finite loss is a FloatingPointError. -> {"sft_loss": float,
+    "grad_norm": float, "answer_tokens": int (answer tokens in the batch), "tokens_per_s": float}."""
     t0 = clock(device)
     tokens, labels = answer_batch(examples, device)
     loss = answer_loss(model, tokens, labels)

@@ -141,7 +141,15 @@ def _reference_logp(model, docs, rollouts: Rollouts, detach_prefix: bool) -> tor
 
 def refine_loss(model, docs: list, selection: Selection, rollouts: Rollouts, advantages: torch.Tensor,
                 cfg: RefineConfig, path: str = "fast", doc_forward=None):
-    """λ_NTP·NTP + λ_RL·PPO-clip for FIXED rollouts -> (loss with grad, stats). `doc_forward` reuses a fast forward."""
+    """λ_NTP·NTP + λ_RL·PPO-clip for FIXED rollouts -> (loss with grad, stats). `doc_forward` reuses a fast forward.
+
+    NTP: the summed next-token CE of all documents / Σ_b (L_b - 1), a token mean (doc_forward.ntp_sum, when set, is
+    that sum). PPO: grpo.ppo_clip_loss(logp, rollouts.old_logp, advantages, cfg.clip_eps, cfg.dual_clip) with
+    logp (N, k) WITH grad: path "fast" from document_forward's first_logits and snapshots (rollout.rollout_logp),
+    "reference" by re-encoding every [prefix ; rollout] from scratch; another path is a ValueError.
+    cfg.detach_prefix: no gradient through the prefix at all, neither its state nor the prefix-end logits that score
+    x̂_1 (reference: the prefix runs under no_grad, the rollout from its state). stats: ppo_clip_loss's, plus the
+    floats `loss`, `ntp_loss`, `policy_loss`."""
     n_targets = sum(len(d) - 1 for d in docs)
     if path == "fast":
         fwd = doc_forward if doc_forward is not None else document_forward(model, docs, selection.positions)

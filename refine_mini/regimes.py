@@ -126,9 +126,11 @@ def step_generator(seed: int, step: int, stream: int = 0, device="cpu") -> torch
 def inner_update(model, optimizer, tokens: torch.Tensor, objective: str, rcfg, generator, grad_clip: float) -> list:
     """One batch of the §1.9 loop on `tokens` (B, T). Returns one metrics dict per optimizer step taken.
 
-    objective "refine": refine.refine_step (selection, rollouts, rewards, GRPO + λ_NTP·NTP, steps).
-    objective "ntp": the baseline with the same rows and the same number of optimizer steps: the batch is cut
-    into steps_per_batch(rcfg) contiguous mini-batches (REFINE's NTP mini-batches, §1.8) and each gets one step.
+    objective "refine": refine.refine_step (selection, rollouts, rewards, GRPO + λ_NTP·NTP, steps), read from refine
+    at call time (tests patch it); its dict ("single") or list ("minibatch") comes back as a list, and a non-finite
+    `loss`, `ntp_loss` or `policy_loss` in it is a FloatingPointError (check_finite). objective "ntp": the baseline
+    with the same rows and the same number of optimizer steps: the batch is cut into steps_per_batch(rcfg, B)
+    contiguous mini-batches (REFINE's NTP mini-batches, §1.8) and each gets one ntp_step. Another is a ValueError.
     """
     if objective == "refine":
         from refine_mini.refine import refine_step

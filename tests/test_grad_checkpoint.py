@@ -10,6 +10,7 @@ test_grad_checkpoint_flags.py.
 """
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from bench.measure import cpu_peak_bytes
 from refine_mini import model as model_module
@@ -55,10 +56,12 @@ def assert_same_grads(a: dict, b: dict):
 
 
 def spy_checkpoint(monkeypatch) -> list:
-    """Count the calls of torch.utils.checkpoint.checkpoint made by the model (and still make them)."""
+    """Count the calls of torch.utils.checkpoint.checkpoint made by the model (and still make them), whether it
+    calls model.py's imported name or torch.utils.checkpoint.checkpoint."""
     calls = []
-    real = model_module.checkpoint
-    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = torch.utils.checkpoint.checkpoint
+    for owner in (model_module, torch.utils.checkpoint):
+        monkeypatch.setattr(owner, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -191,19 +194,25 @@ def test_a_segment_that_is_not_a_multiple_of_the_chunk_is_a_value_error():
 
 def test_checkpointing_is_off_without_grad_and_the_checkpointed_model_traces_whole(monkeypatch):
     """No recomputation to arrange under no_grad (generation, evaluation); with grad, torch.compile takes the
-    checkpointed blocks (whole, and in 8-token pieces) without a graph break (torch._dynamo.explain: traces only)."""
-    calls = spy_checkpoint(monkeypatch)
+    checkpointed blocks (whole, and in 8-token pieces) without a graph break (torch._dynamo.explain: traces only),
+    one checkpoint region per block (and piece) in the traced graphs. The spy is off while tracing: dynamo
+    recognises checkpoint only as torch.utils.checkpoint's own function, not behind a patched name."""
     for mixer, segment in zip(MIXERS, (0, 8)):
         model = tiny(mixer).float()
         model.set_checkpointing(True, segment)
         tokens = torch.randint(0, 64, (2, 20))
-        with torch.no_grad():
+        with monkeypatch.context() as patch:
+            calls = spy_checkpoint(patch)
+            with torch.no_grad():
+                model.encode(tokens)
+            assert not calls
             model.encode(tokens)
-        assert not calls
+            assert len(calls) == 2 * (3 if segment else 1)  # with grad: every block's (and piece's) checkpoint
         explanation = torch._dynamo.explain(model.encode)(tokens)
         assert explanation.graph_break_count == 0, explanation.break_reasons
-        assert len(calls) == 2 * (3 if segment else 1)  # the trace went through every block's (and piece's) checkpoint
-        calls.clear()
+        regions = [node for graph in explanation.graphs for node in graph.graph.nodes
+                   if node.target is torch.ops.higher_order.tag_activation_checkpoint]
+        assert len(regions) == 2 * (3 if segment else 1)  # the trace went through every checkpoint
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

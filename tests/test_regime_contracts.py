@@ -273,10 +273,12 @@ def test_refine_ttt_runs_the_refine_loop_with_the_ttt_hyper_parameters(tiny_ckpt
 @pytest.mark.parametrize("sft_steps", [1, 2])
 def test_sft_ttt_steps_cover_every_prompt_of_the_batch(tiny_ckpt, monkeypatch, sft_steps):  # noqa: F811
     """SFT-TTT: one-step NTP over ALL the batch's prompts (method.md §3); with --sft-steps N the prompts are split
-    among N steps, each prompt in exactly one. Kills T10 (steps on one prompt only)."""
-    rows, real = [], tta.ntp_step
-    monkeypatch.setattr(tta, "ntp_step",
-                        lambda model, opt, r, clip: rows.append(r.clone()) or real(model, opt, r, clip))
+    among N steps, each prompt in exactly one. Kills T10 (steps on one prompt only). The spy counts ntp_step
+    whether tta calls it itself or through regimes.inner_update "ntp"."""
+    rows, real = [], regimes.ntp_step
+    for owner in (tta, regimes):
+        monkeypatch.setattr(owner, "ntp_step",
+                            lambda model, opt, r, clip: rows.append(r.clone()) or real(model, opt, r, clip))
     ckpt = torch.load(tiny_ckpt / "ckpt.pt", weights_only=True)
     examples = make_task_examples("s_niah", 2, LENGTH, None, 0, split="eval")
     _, steps = tta.run_method(ckpt, examples, "sft-ttt", "cumulative", tta.TTTConfig(sft_steps=sft_steps), 2, 0,
