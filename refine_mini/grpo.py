@@ -32,7 +32,11 @@ def group_ids(rollouts: Rollouts) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6):
-    """rewards (N,), groups (N,) -> advantages (N,) standardised within each group, and flat (n_groups,) bool per group."""
+    """rewards (N,), groups (N,) -> advantages (N,) standardised within each group, and flat (n_groups,) bool per group.
+    ValueError for other shapes (index_add would misread them)."""
+    if rewards.dim() != 1 or groups.shape != rewards.shape:
+        raise ValueError(f"group_advantages needs rewards (N,) and groups (N,), got {tuple(rewards.shape)} and "
+                         f"{tuple(groups.shape)}")
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)  # inverse (N,), counts (n_groups,)
     n_groups = counts.numel()
     dtype, rewards = rewards.dtype, rewards.detach().double()  # fp64 statistics (module docstring)
@@ -52,7 +56,11 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
                   clip_eps: float = 0.2, dual_clip: float = 3.0):
     """logp, old_logp (N, k), advantages (N,) -> (token-mean loss, stats dict of floats): `clip_frac`, the fraction
     of tokens where the clipped term is the active one (-A·clip(ρ) > -A·ρ, not merely ρ outside [1-ε, 1+ε]);
-    `dual_clip_frac`, where the -A·c cap is (A < 0 and -A·c < -A·ρ); `ratio_mean`; `ratio_max_dev` = max |ρ - 1|."""
+    `dual_clip_frac`, where the -A·c cap is (A < 0 and -A·c < -A·ρ); `ratio_mean`; `ratio_max_dev` = max |ρ - 1|.
+    ValueError for other shapes: (N, 1) advantages would broadcast to an (N, N, k) loss, silently."""
+    if logp.dim() != 2 or old_logp.shape != logp.shape or advantages.shape != logp.shape[:1]:
+        raise ValueError(f"ppo_clip_loss needs logp and old_logp (N, k) and advantages (N,), got "
+                         f"{tuple(logp.shape)}, {tuple(old_logp.shape)} and {tuple(advantages.shape)}")
     # ρ = exp(clamp(logp - old_logp, -20, 20))
     ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))  # (N, k)
     adv = advantages[:, None].to(ratio.dtype)  # (N, 1): the outcome advantage of a row, broadcast over its k tokens

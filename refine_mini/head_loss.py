@@ -55,7 +55,7 @@ def _block(h, W, targets, w, dtype, with_entropy: bool, grad_weight):
         grad_weight.addmm_(g.T, h)  # (V, n) @ (n, D) -> (V, D), summed over blocks
     else:  # bf16 matmuls (autocast): the (V, D) product in bf16, summed over blocks in fp32
         g = g.to(h.dtype)
-        grad_weight += g.T @ h  # (V, n) @ (n, D) -> (V, D)
+        grad_weight += g.T @ h  # (V, n) @ (n, D) -> (V, D) in bf16, added into the fp32 sum
     return nll, entropy, g @ W  # (n, V) @ (V, D) -> (n, D)
 
 
@@ -74,7 +74,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         nll = hidden.new_empty(targets.shape, dtype=dtype)  # (N,)
         entropy = hidden.new_empty(targets.shape if with_entropy else (0,), dtype=dtype)
         grad_hidden = torch.empty_like(hidden, dtype=dtype) if want_grad else None  # (N, D)
-        grad_weight = torch.zeros_like(W) if want_grad else None  # (V, D)
+        grad_weight = torch.zeros_like(W, dtype=dtype) if want_grad else None  # (V, D), summed over blocks in dtype
         for lo in range(0, hidden.shape[0], block_rows):
             rows = slice(lo, lo + block_rows)
             with torch.autocast(device, enabled=False):  # the casts are explicit: h and W in mm, the rest in dtype

@@ -200,12 +200,16 @@ class LaCT(nn.Module):
         return history, records[-1][1], (ka, va, fk, fv, eta, mom)
 
     def snapshots(self, record, ends):
-        """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph):
+        """States after each position t of ends[b] (after reading x[b, :t+1]; batch 1, attached to the graph) of a
+        record from the start (a ValueError for a later segment's own record; DeltaNet's snapshots take those):
         fast weights after the chunks complete by then, the partial chunk's tokens, the attention window, the
         position. Equal to segmenting each row's pass (tested); REFINE takes its prefix snapshots this way."""
         history, final, (ka, va, fk, fv, eta, mom) = record
         C, keep, sd = self.chunk_size, self.window - 1, final.w0.dtype
         check_ends(ends, *fk.shape[:2])  # fk (B, T, Hf, d)
+        if final.pos != fk.shape[1]:  # history, buffers and window would be read from the segment's own start
+            raise ValueError(f"LaCT snapshots need a record from the start of the sequence (or merged records), got "
+                             f"a segment of {fk.shape[1]} tokens ending at position {final.pos}")
         snaps = []
         for b, row in enumerate(ends):
             r = slice(b, b + 1)

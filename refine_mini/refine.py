@@ -97,11 +97,18 @@ class RefineConfig:
         check_document_length(length, self.c, self.k, self.min_prefix, self.end_margin)
 
 
-def as_documents(tokens) -> list[torch.Tensor]:
-    """(B, T) LongTensor or a list of 1-D LongTensors (documents of different lengths) -> list of 1-D tensors."""
+def as_documents(tokens, vocab_size: int | None = None) -> list[torch.Tensor]:
+    """(B, T) LongTensor or a list of 1-D LongTensors (documents of different lengths) -> list of 1-D tensors.
+    ValueError unless they are int64/int32 token ids, in [0, vocab_size) when it is given."""
     docs = list(tokens.unbind(0)) if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else list(tokens)
     if not docs or any(not isinstance(d, torch.Tensor) or d.dim() != 1 or len(d) < 2 for d in docs):
         raise ValueError("tokens must be a (B, T) tensor or a non-empty list of 1-D tensors of >= 2 tokens")
+    if any(d.dtype not in (torch.int64, torch.int32) for d in docs):  # bool ids would make bool NTP targets
+        raise ValueError(f"tokens must be int64 or int32 ids, got {sorted({str(d.dtype) for d in docs})}")
+    if vocab_size is not None:  # out-of-range ids would fail in the embedding (on CUDA: a device-side assert)
+        lo, hi = torch.aminmax(torch.cat([d.to(docs[0].device) for d in docs]))  # host syncs once per batch
+        if not 0 <= int(lo) <= int(hi) < vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}), got ids in [{int(lo)}, {int(hi)}]")
     return docs
 
 
@@ -188,7 +195,7 @@ def _update(model, optimizer, loss, grad_clip: float) -> float:
 
 def refine_step(model, optimizer, tokens, cfg: RefineConfig, generator: torch.Generator, grad_clip: float = 1.0):
     """One REFINE batch -> metrics dict ("single") or a list of dicts, one per optimizer step ("minibatch")."""
-    docs = as_documents(tokens)
+    docs = as_documents(tokens, model.cfg.vocab_size)
     device = docs[0].device
     start_time = clock(device)
     padded, lengths = pad_documents(docs)  # (B, T_max), (B,)
