@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a .txt file, a .jsonl with a 'text' field, or a folder of them (README: "
                                   "'Your own text'; default: the built-in synthetic long-document corpus)")
     p.add_argument("--init", help="checkpoint or run folder to start from (mid/post; default: the pretrain run)")
-    p.add_argument("--max-steps", type=int, help="pretrain: optimizer steps (default deltanet 400, lact 250); mid/post: batches")
+    p.add_argument("--max-steps", type=int,
+                   help="pretrain: optimizer steps (default deltanet 400, lact 250); mid/post: batches")
     p.add_argument("--seq-len", type=int, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, help="sequences per batch")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -90,6 +91,9 @@ def check_args(args) -> None:
         raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
     if args.regime not in REGIMES:
         raise ValueError(f"unknown regime {args.regime!r}; choose one of {', '.join(REGIMES)}")
+    if args.resume and args.overwrite:  # one continues the run, the other deletes it
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                         "--overwrite starts it again")
     for name in ("out", "data", "init"):  # an empty path would silently mean the default one
         if getattr(args, name) is not None and not getattr(args, name).strip():
             raise ValueError(f"--{name} is empty; give a path, or leave the flag out for its default")

@@ -97,7 +97,13 @@ def resolve_config(args) -> RegimeConfig:
     if cfg.objective not in OBJECTIVES[args.regime]:
         raise ValueError(f"--objective {cfg.objective!r} is not available for --regime {args.regime}; "
                          f"choose one of {', '.join(OBJECTIVES[args.regime])}")
-    cfg.refine.update(given_flags(args, REFINE_FLAGS))
+    cfg.refine.update(given := given_flags(args, REFINE_FLAGS))
+    schedule = refine_config(dict(cfg.refine)).schedule  # the baselines read only the step count (steps_per_batch)
+    unused = [name for name in given if (cfg.objective != "refine" and name not in ("schedule", "minibatches"))
+              or (name == "minibatches" and schedule != "minibatch")]
+    if unused and not getattr(args, "resume", False):  # a resume's flags restate saved values (Run refuses others)
+        raise ValueError(f"--{unused[0].replace('_', '-')} is not used by --objective {cfg.objective} with "
+                         f"--schedule {schedule}; leave it out")
     return cfg
 
 
@@ -174,6 +180,9 @@ class Run:
         if cfg.seq_len and cfg.objective == "refine":
             early.check_length(cfg.seq_len)
         start = out if resume else base_checkpoint(args, device)
+        if not resume and Path(start).resolve() in (out.resolve(), (out / "ckpt.pt").resolve()):  # start() deletes it
+            raise ValueError(f"--init {start} is the checkpoint in --out {out}: a fresh run (--overwrite) there would "
+                             f"delete the checkpoint the run starts from; choose another --out")
         ckpt = load_checkpoint(start, expect_mixer=args.model, for_resume=resume, vocab=tokenizer.vocab_size())
         if resume:  # the run's own settings; a flag given again must restate them (resume.py)
             configure(cfg, given_flags(args, RUN_FLAGS), saved_config(ckpt, cfg.regime, out))
@@ -265,7 +274,7 @@ def run_mid(args, cfg: RegimeConfig, out: Path, device) -> dict:
 
     def validate() -> dict:  # the same sampling seed every time, so successive values differ only by the weights
         return validation_metrics(run.model, val, step_generator(cfg.seed, 0, 2, device)) if val else {}
-    before = validate()
+    before = run.extra.get("val_before") or run.extra.setdefault("val_before", validate())  # also once resumed
     print("validation before: " + "  ".join(f"{k}={v:.4f}" for k, v in before.items()))
     bar = tqdm(range(run.step, cfg.max_steps), initial=run.step, total=cfg.max_steps,
                desc=f"mid {cfg.objective} {run.model.cfg.mixer}")

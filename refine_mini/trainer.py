@@ -5,9 +5,8 @@ downloaded? (method.md §9: "a tiny DeltaNet pre-trained briefly with NTP on a s
 
 The loop is the classic one: AdamW, linear warm-up then cosine decay, gradient-norm clipping, a validation loss,
 one JSONL metrics line per step, atomic checkpoints. Two properties are load-bearing:
-- Resume is exact on CPU: the batch of step s is drawn from a generator seeded by (seed, s), and the checkpoint
-  holds model, optimizer, step and RNG states and the run's settings (resume.py), so a killed-and-resumed run ends
-  with the same weights.
+- Resume is exact on CPU: step s's batch comes from a generator seeded by (seed, s), and the checkpoint holds model,
+  optimizer, step, RNG states and the run's settings (resume.py): a killed-and-resumed run ends with the same weights.
 - A NaN/inf loss stops the run with a message *before* anything is saved, so the last good checkpoint survives.
 
 Deviation: answer-weighted NTP. The built-in corpus asks questions about facts stated earlier (data.py), and the
@@ -42,6 +41,7 @@ NEWLINE = encode("\n")[0]  # ends an answer
 @dataclass
 class TrainConfig:
     max_steps: int = 300  # optimizer steps
+    decay_steps: int = 0  # the cosine's horizon (0: max_steps); pretrain() fixes it at the run's first max_steps
     batch_size: int = 8  # sequences per step
     seq_len: int = 512  # tokens per sequence
     lr: float = 3e-3  # peak learning rate (tiny models from scratch want a large one)
@@ -89,10 +89,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.max_steps."""
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.decay_steps (0: max_steps)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, (cfg.decay_steps or cfg.max_steps) - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -125,8 +125,7 @@ def ntp_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def answer_mask(tokens: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: tokens[:, t] belongs to an answer, i.e. follows an "Answer:" cue, up to and including the newline
     that ends it. Found from the tokens alone, so every batch, built-in or the user's text, gets the same rule."""
-    B, T = tokens.shape
-    n = len(ANSWER_CUE)
+    (B, T), n = tokens.shape, len(ANSWER_CUE)
     if T <= n:
         return torch.zeros_like(tokens, dtype=torch.bool)
     cue = torch.tensor(ANSWER_CUE, device=tokens.device)
@@ -241,7 +240,9 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     start = 0
     if resume and (out / "ckpt.pt").exists():
         ckpt = load_checkpoint(out, expect_mixer=model_cfg.mixer, for_resume=True)
-        configure(replace(cfg), asdict(cfg), saved_config(ckpt, "pretrain", out))  # ValueError: not this run's cfg
+        saved = saved_config(ckpt, "pretrain", out)
+        cfg = replace(cfg, decay_steps=cfg.decay_steps or saved.get("decay_steps") or cfg.max_steps)  # the run's own
+        configure(replace(cfg), asdict(cfg), saved)  # ValueError: not this run's cfg
         model.load_state_dict(ckpt["model"])
         if not weights_finite(ckpt["model"]):
             raise CheckpointError(f"checkpoint {out}/ckpt.pt holds non-finite (NaN or inf) weights")
@@ -253,6 +254,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
         print(f"resuming {out} at step {start}")
     else:  # a fresh run (--overwrite): the folder must never pair the old checkpoint with the new config and log
         (out / "ckpt.pt").unlink(missing_ok=True)
+        cfg = replace(cfg, decay_steps=cfg.decay_steps or cfg.max_steps)
     log = MetricLog(out / "metrics.jsonl", append=start > 0)  # first: a log that cannot be opened leaves config.json
     (out / "config.json").write_text(json.dumps({"regime": "pretrain", "model": asdict(model_cfg),
                                                   "train": asdict(cfg)}, indent=2))

@@ -1,0 +1,91 @@
+"""Outside probe of the training side: a resume to a larger --max-steps keeps the cosine's horizon (resume.py: the
+LR stays on its floor), contradictory or unused flags are refused before any work, --overwrite never deletes the
+checkpoint the run starts from, and a resumed mid run reports the validation taken before its first batch."""
+import dataclasses
+import json
+
+import pytest
+
+import train
+from refine_mini import regimes
+from refine_mini.common import load_checkpoint
+from refine_mini.trainer import lr_at, pretrain
+from tests.test_input_guards import fails
+from tests.test_regime_contracts import ckpt_every_2, jsonl, killed_in_batch  # noqa: F401 (a fixture)
+from tests.test_regimes import LENGTH, small_defaults, tiny_ckpt  # noqa: F401 (fixtures)
+from tests.test_run_safety import fake_run_folder
+from tests.test_train import Killed, KillingCorpus, RandomCorpus, short_run, tiny_cfg
+
+
+def test_a_resume_to_more_steps_keeps_the_schedule_and_then_stays_on_the_floor(tmp_path):
+    """--max-steps is FREE on a resume: it changes when the run ends, not the LR of the steps it shares with the
+    run it continues. Killed after its step-3 checkpoint and resumed to 8 steps, the run logs the 6-step run's LRs
+    for steps 1-6 and the floor (lr x min_lr_ratio) after them; it used to stretch the cosine over 8 steps."""
+    cfg = short_run()
+    pretrain(tiny_cfg(), cfg, RandomCorpus(), tmp_path / "full", "cpu")
+    with pytest.raises(Killed):
+        pretrain(tiny_cfg(), cfg, KillingCorpus(at=4), tmp_path / "longer", "cpu")
+    pretrain(tiny_cfg(), dataclasses.replace(cfg, max_steps=8), RandomCorpus(), tmp_path / "longer", "cpu",
+             resume=True)
+    full = [line["lr"] for line in jsonl(tmp_path / "full" / "metrics.jsonl")]
+    longer = [line["lr"] for line in jsonl(tmp_path / "longer" / "metrics.jsonl")]
+    assert full == [lr_at(s, cfg) for s in range(6)] and longer[:6] == full
+    assert longer[6:] == [cfg.lr * cfg.min_lr_ratio] * 2
+    assert load_checkpoint(tmp_path / "longer")["train_config"]["decay_steps"] == 6  # kept through further resumes
+
+
+def test_resume_and_overwrite_together_are_refused_and_the_run_is_untouched(tmp_path, capsys):
+    files = fake_run_folder(tmp_path / "run")
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(tmp_path / "run"), "--resume", "--overwrite"])
+    assert "--resume and --overwrite" in err
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in files} == files
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--regime", "mid", "--objective", "ntp", "--c", "4"], "--c"),
+    (["--regime", "mid", "--objective", "ntp", "--reward", "binary"], "--reward"),
+    (["--regime", "post", "--objective", "sft", "--lambda-rl", "0.5"], "--lambda-rl"),
+    (["--regime", "post", "--objective", "nested-sft", "--k", "3"], "--k"),
+    (["--regime", "mid", "--minibatches", "3"], "--minibatches"),
+    (["--regime", "post", "--schedule", "single", "--minibatches", "2"], "--minibatches")])
+def test_a_refine_flag_the_run_would_ignore_is_refused_before_any_work(argv, flag, tmp_path, capsys, monkeypatch):
+    """The baselines never read c, k, n, selection, reward or lambda_rl, and the single schedule never reads
+    --minibatches: such a flag used to be accepted and silently ignored (as --data for post is refused)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(regimes, "base_checkpoint", lambda *a: pytest.fail("pre-trained a base for an unused flag"))
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(tmp_path / "run"), *argv])
+    assert f"{flag} is not used" in err and not (tmp_path / "run").exists()
+
+
+def test_the_flags_a_baseline_does_read_are_accepted():
+    """The step count of every baseline comes from --schedule/--minibatches (regimes.steps_per_batch)."""
+    for regime, objective in (("mid", "ntp"), ("post", "sft"), ("post", "nested-sft"), ("mid", "refine")):
+        args = train.build_parser().parse_args(["--model", "deltanet", "--regime", regime, "--objective", objective,
+                                                "--schedule", "minibatch", "--minibatches", "2"])
+        cfg = regimes.resolve_config(args)
+        assert (cfg.refine["schedule"], cfg.refine["minibatches"]) == ("minibatch", 2)
+
+
+@pytest.mark.parametrize("init", ["folder", "file"])
+def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(init, tmp_path, tiny_ckpt, capsys):  # noqa: F811
+    """--init naming the --out's own checkpoint with --overwrite used to train from it and then delete it: the run's
+    recorded init then named the new run's own checkpoint, and the base was gone."""
+    before = (tiny_ckpt / "ckpt.pt").read_bytes()
+    argv = ["--model", "deltanet", "--regime", "mid", "--objective", "ntp", "--out", str(tiny_ckpt), "--overwrite",
+            "--init", str(tiny_ckpt if init == "folder" else tiny_ckpt / "ckpt.pt"), "--seq-len", str(LENGTH),
+            "--max-steps", "1"]
+    assert "would delete the checkpoint the run starts from" in fails(capsys, train.main, argv)
+    assert (tiny_ckpt / "ckpt.pt").read_bytes() == before and not (tiny_ckpt / "metrics.jsonl").exists()
+
+
+def test_a_resumed_mid_run_reports_the_validation_before_its_first_batch(tmp_path, tiny_ckpt, ckpt_every_2,
+                                                                        monkeypatch):  # noqa: F811
+    """The summary's val_loss_before is the base's validation, as in the uninterrupted run; a resume used to
+    validate its own starting weights again and report them as "before"."""
+    args = lambda out, *extra: ["--model", "deltanet", "--regime", "mid", "--init", str(tiny_ckpt), "--out",
+                                str(out), "--seq-len", str(LENGTH), "--max-steps", "3", "--lr", "0.01", *extra]
+    full = train.main(args(tmp_path / "full"))
+    killed_in_batch(3, lambda: train.main(args(tmp_path / "killed")), monkeypatch)
+    resumed = train.main(args(tmp_path / "killed", "--resume"))
+    assert resumed["val_loss_before"] == full["val_loss_before"] != full["val_loss"]
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(full, sort_keys=True)
