@@ -9,6 +9,7 @@ step) and ckpt.pt (atomic). Bad input exits with status 2 and a one-line message
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -146,6 +147,8 @@ def main(argv=None) -> dict:
         if not args.resume and not args.overwrite and (out / "ckpt.pt").exists():
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start "
                              f"again (or choose another --out)")
+        if not (args.resume or args.overwrite):
+            check_no_foreign_files(out)
         if device.type == "cpu":
             keep_freed_memory()  # no page-faulting the same big tensors back in every step (common.py)
         set_seed(0 if args.seed is None else args.seed)  # a resumed run then restores its saved RNG states
@@ -165,6 +168,19 @@ def main(argv=None) -> dict:
         fail(out_of_memory(e, f"try a smaller --batch-size or --seq-len; {kept(out)}"))
     except KeyboardInterrupt:
         fail(f"interrupted; {kept(out)}", code=130)
+
+
+def check_no_foreign_files(out: Path) -> None:
+    """A run writes config.json and metrics.jsonl into --out: ValueError if they are there and no refine_mini run
+    wrote them (--out . in a project, say). A run's own, left by one stopped before its first checkpoint, may go."""
+    found = [name for name in ("config.json", "metrics.jsonl") if (out / name).exists()]
+    try:
+        ours = json.loads((out / "config.json").read_text()).get("regime") in REGIMES
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, not a JSON object
+        ours = False
+    if found and not ours:
+        raise ValueError(f"{out} holds {' and '.join(found)} that no refine_mini run wrote; choose another --out "
+                         f"(or pass --overwrite to replace them)")
 
 
 def resolved(path: str) -> str:

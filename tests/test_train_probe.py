@@ -89,3 +89,17 @@ def test_a_resumed_mid_run_reports_the_validation_before_its_first_batch(tmp_pat
     resumed = train.main(args(tmp_path / "killed", "--resume"))
     assert resumed["val_loss_before"] == full["val_loss_before"] != full["val_loss"]
     assert json.dumps(resumed, sort_keys=True) == json.dumps(full, sort_keys=True)
+
+
+@pytest.mark.parametrize("files", [{"config.json": b'{"name": "my project"}'}, {"metrics.jsonl": b'{"x": 1}\n'},
+                                   {"config.json": b"not json", "metrics.jsonl": b""}])
+def test_a_fresh_run_refuses_to_replace_files_no_run_wrote(files, tmp_path, capsys):
+    """--out . in a project: no ckpt.pt, but a config.json or metrics.jsonl of something else, which a fresh run
+    would replace; it is refused (one line, files untouched). A run's own files, left by one that stopped before its
+    first checkpoint, may be replaced (that run's retry)."""
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    err = fails(capsys, train.main, ["--model", "deltanet", "--out", str(tmp_path), "--max-steps", "1"])
+    assert "no refine_mini run wrote" in err and all((tmp_path / n).read_bytes() == d for n, d in files.items())
+    (tmp_path / "config.json").write_text(json.dumps({"regime": "pretrain"}))
+    train.check_no_foreign_files(tmp_path)  # a stopped run's own config: no error
