@@ -215,23 +215,24 @@ def base_checkpoint(args, device) -> Path:
         return Path(args.init)
     base = Path("runs") / f"{args.model}-pretrain"
     import train  # the CLI's own pre-training entry, so the base is exactly what --regime pretrain makes
+    flags = dict(model=args.model, compile=args.compile, grad_checkpoint=args.grad_checkpoint)  # the only ones given
     if (base / "ckpt.pt").exists():
         saved = load_checkpoint(base, mmap=True)  # its configs only
         step, total = saved.get("step"), (saved.get("train_config") or {}).get("max_steps")
-        if isinstance(step, int) and isinstance(total, int) and step < total:
-            print(f"the base pre-training in {base} stopped at step {step} of {total}: finishing it first (as python "
-                  f"train.py --model {args.model} --regime pretrain --resume)")
-            flags = argparse.Namespace(model=args.model, resume=True, compile=getattr(args, "compile", "off"),
-                                       grad_checkpoint=getattr(args, "grad_checkpoint", False))  # FREE on resume
-            train.run_pretrain(flags, base, torch.device(device))
+        if not (isinstance(step, int) and isinstance(total, int) and step < total):
+            return base
+        print(f"the base pre-training in {base} stopped at step {step} of {total}: finishing it first (as python "
+              f"train.py --model {args.model} --regime pretrain --resume)")
+        flags["resume"] = True  # compile and grad_checkpoint are FREE on resume
     else:
         precision = getattr(args, "precision", None)  # passed on, as --grad-checkpoint is
         print(f"no --init and no base checkpoint at {base}/ckpt.pt: pre-training the base model first (as python "
               f"train.py --model {args.model} --regime pretrain{' --precision ' + precision if precision else ''})")
-        pre_args = argparse.Namespace(  # the pre-training flags not named here are not given (resume.given_flags)
-            model=args.model, data=getattr(args, "data", None), seed=args.seed, compile=getattr(args, "compile", "off"),
-            grad_checkpoint=getattr(args, "grad_checkpoint", False), precision=precision)
-        train.run_pretrain(pre_args, base, torch.device(device))  # makes the folder once its corpus is read
+        flags.update(data=getattr(args, "data", None), seed=args.seed, precision=precision)
+    try:
+        train.run_pretrain(argparse.Namespace(**flags), base, torch.device(device))  # makes the folder once needed
+    except FloatingPointError as e:  # name the base's folder (train.main then says what the run itself kept)
+        raise FloatingPointError(f"{e} (in the base pre-training; {train.kept(base)})") from None
     return base
 
 

@@ -103,3 +103,16 @@ def test_a_fresh_run_refuses_to_replace_files_no_run_wrote(files, tmp_path, caps
     assert "no refine_mini run wrote" in err and all((tmp_path / n).read_bytes() == d for n, d in files.items())
     (tmp_path / "config.json").write_text(json.dumps({"regime": "pretrain"}))
     train.check_no_foreign_files(tmp_path)  # a stopped run's own config: no error
+
+
+def test_a_nan_in_the_base_pretraining_names_the_base_folder(tmp_path, capsys, monkeypatch):
+    """A mid run without --init pre-trains runs/<model>-pretrain first; a NaN there must say so and what the base
+    kept, not only what the mid run's own (still empty) folder holds."""
+    monkeypatch.chdir(tmp_path)
+
+    def nan_pretrain(args, out, device):
+        raise FloatingPointError("loss is nan at step 3")
+    monkeypatch.setattr(train, "run_pretrain", nan_pretrain)
+    err = fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid", "--out", "runs/mid"])
+    assert "loss is nan at step 3 (in the base pre-training; no checkpoint was saved in runs/deltanet-pretrain" in err
+    assert "runs/mid" in err
