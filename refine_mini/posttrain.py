@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from refine_mini import niah, tokenizer
-from refine_mini.common import clock
+from refine_mini.common import clock, write_atomic
 from refine_mini.evaluate import first_line, greedy_outputs
 from refine_mini.regimes import RegimeConfig, Run, inner_update, step_generator, steps_per_batch
 from refine_mini.selection import eval_mode
@@ -173,7 +173,7 @@ def run_post(args, cfg: RegimeConfig, out: Path, device) -> dict:
         run.close()
     summary = {"objective": cfg.objective, "steps": run.step, "optimizer_steps": run.opt_steps,
                "before": run.extra["before"], "after": after}
-    (out / "scores.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "scores.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"done: {out}/ckpt.pt  objective={cfg.objective} steps={run.step} optimizer_steps={run.opt_steps}")
     print(f"score before: {format_scores(run.extra['before'])} | after: {format_scores(after)}")
     return summary

@@ -38,7 +38,7 @@ import torch
 
 from refine_mini import tokenizer
 from refine_mini.common import (MetricLog, base_checkpoint, checkpoint_seq_len, clock, load_checkpoint, make_generator,
-                                run_dir, set_rng_state)
+                                run_dir, set_rng_state, write_atomic)
 from refine_mini.resume import configure, given_flags, require_ahead, require_same, saved_config, trim_log
 from refine_mini.trainer import (apply_compute_settings, clip_and_step, make_optimizer, model_from_checkpoint,
                                  ntp_loss_from_hidden, save_run, skip_streak, validation_metrics)
@@ -225,7 +225,7 @@ class Run:
             (out / "ckpt.pt").unlink(missing_ok=True)
         self.log = MetricLog(out / "metrics.jsonl", append=resume)
         print("config: " + json.dumps(resolved))
-        (out / "config.json").write_text(json.dumps(resolved, indent=2))
+        write_atomic(out / "config.json", lambda f: f.write(json.dumps(resolved, indent=2).encode()))
 
     def record(self, phase: str, metrics: dict) -> None:
         """One JSONL line per optimizer step (none for the step that ends a run of skipped ones, skip_streak)."""

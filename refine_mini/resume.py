@@ -21,6 +21,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from refine_mini.common import write_atomic
+
 FREE = frozenset({"max_steps", "compile", "grad_checkpoint", "checkpoint_segment", "ckpt_every", "eval_every",
                   "val_every"})
 ACCEPTS = {float: (float, int), tuple: (tuple, list)}  # saved types a field of each default type takes
@@ -91,7 +93,7 @@ def trim_log(path: str | Path, step: int) -> None:
         raise ValueError(f"{path}:{bad[0] + 1}: not a metrics line (a JSON object with a numeric step)")
     kept = [line for line, s in zip(lines, steps) if s is not None and s <= step]
     if len(kept) != len(lines):
-        path.write_text("".join(kept), encoding="utf-8")
+        write_atomic(path, lambda f: f.write("".join(kept).encode("utf-8")))  # a crash leaves the old log whole
 
 
 def _logged_step(line: str) -> float | None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from refine_mini.common import (FP32_MAX, CheckpointError, MetricLog, clock, load_checkpoint, rng_state, run_dir,
-                                save_checkpoint, set_rng_state)
+                                save_checkpoint, set_rng_state, write_atomic)
 from refine_mini.head_loss import IGNORE, default_block_rows
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
 from refine_mini.resume import configure, require_ahead, saved_config, trim_log
@@ -256,8 +256,8 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
         (out / "ckpt.pt").unlink(missing_ok=True)
         cfg = replace(cfg, decay_steps=cfg.decay_steps or cfg.max_steps)
     log = MetricLog(out / "metrics.jsonl", append=start > 0)  # first: a log that cannot be opened leaves config.json
-    (out / "config.json").write_text(json.dumps({"regime": "pretrain", "model": asdict(model_cfg),
-                                                  "train": asdict(cfg)}, indent=2))
+    config = {"regime": "pretrain", "model": asdict(model_cfg), "train": asdict(cfg)}
+    write_atomic(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
     encode = torch.compile(model.encode) if cfg.compile else model.encode  # the head's loss runs blockwise, eager
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]]
     if not val:

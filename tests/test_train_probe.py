@@ -116,3 +116,26 @@ def test_a_nan_in_the_base_pretraining_names_the_base_folder(tmp_path, capsys, m
     err = fails(capsys, train.main, ["--model", "deltanet", "--regime", "mid", "--out", "runs/mid"])
     assert "loss is nan at step 3 (in the base pre-training; no checkpoint was saved in runs/deltanet-pretrain" in err
     assert "runs/mid" in err
+
+
+@pytest.mark.parametrize("write", ["trim_log", "pretrain config"])
+def test_a_failed_write_leaves_the_old_log_and_config_whole(write, tmp_path, monkeypatch):
+    """trim_log and a run's config.json are written atomically (a temp file, fsynced, then renamed): a write that
+    fails (here fsync, as a full disk or a power cut would) leaves the previous file as it was, not half-written."""
+    import os
+
+    from refine_mini.resume import trim_log
+    old = {"metrics.jsonl": b'{"step": 1}\n{"step": 2}\n', "config.json": b'{"regime": "pretrain"}'}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        if write == "trim_log":
+            trim_log(tmp_path / "metrics.jsonl", 1)
+        else:
+            pretrain(tiny_cfg(), short_run(), RandomCorpus(), tmp_path, "cpu")
+    kept = old if write == "trim_log" else {"config.json": old["config.json"]}  # a fresh run starts its log anew
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
