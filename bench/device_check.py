@@ -16,7 +16,7 @@ comparison against a reference with a printed error, PASS/FAIL per line, exit st
   7. with --cli: the scripts end to end on the device (tiny pre-training, also compiled in bf16, mid, post, TTT,
      eval_niah) in a scratch folder, each exiting cleanly; the bf16 run resumed on the CPU keeps its precision.
 
-    python bench/device_check.py                     # CUDA, checks 1-5 (a minute, most of it compiling)
+    python bench/device_check.py                     # CUDA, checks 1-6 (a minute, most of it compiling)
     python bench/device_check.py --cli               # plus the end-to-end scripts
     python bench/device_check.py --device cpu --no-compile   # the same checks on CPU (what the test suite runs)
 """

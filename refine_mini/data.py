@@ -30,7 +30,7 @@ caller's torch.Generator), so training never repeats a document; validation is a
 
 User text: `textfiles.load_text_documents` reads a .txt file, a .jsonl file or a folder of them into documents (where
 one ends and the next begins: textfiles.py). Documents are tokenised once, without BOS; `pack` joins them with EOT
-between and cuts T-token rows, `filter` keeps documents of ≥ T tokens truncated to T. The train/val split is by
+between and cuts T-token rows, `filter_docs` keeps documents of ≥ T tokens cut to T. The train/val split is by
 document: document i is in val iff a hash of (seed, i) falls below val_fraction (never an overlap; at least one of
 each). Rows hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1].
 Deviation: the paper mid-trains on long-document corpora (e.g. LongBench-like books); ours is synthetic by default.

@@ -12,8 +12,8 @@ How generation runs: the prompt is prefilled once and the answer decoded token b
 `prefill_tokens // B` positions, carrying the state between segments -- the same result as one pass
 (tests/test_model.py checks that invariant), but the (B, T, V) fp32 logits that `forward` returns for a long prompt
 would otherwise dominate memory; this way they never exceed max(prefill_tokens, B) x V floats, whatever T is. All
-samples of one row (a task and length, every depth) are decoded as one batch: their prompts have exactly `length`
-tokens.
+samples of one row (a task and length, every depth) are decoded together, `max_batch` (eval_niah --batch) at a time:
+their prompts have exactly `length` tokens.
 
 Deviations from the paper's evaluation: a few samples per cell instead of 500 (RULER) / 200 (QA); contexts of
 hundreds to a few thousand tokens instead of 4K-16K; our own generators (niah.py, qa.py) instead of lm-eval-harness /

@@ -2,9 +2,9 @@
 
     L = λ_NTP · NTP(whole documents) + λ_RL · PPO-clip(rollouts),   one backward, one AdamW step.
 
-`refine_step` reads as the paper's steps: 1) select positions by entropy, 2) rollouts, 3) rewards,
-4) GRPO + NTP loss. The policy gradient flows THROUGH THE PREFIX: the state that conditions each rollout is part
-of the autograd graph, so the slow weights learn to write fast-weight memory that supports the continuation (§8.2;
+`refine_step` reads as four steps (method.md §1 counts seven): 1) select positions by entropy, 2) rollouts,
+3) rewards, 4) GRPO + NTP loss. The policy gradient flows THROUGH THE PREFIX: the state conditioning each rollout is
+part of the autograd graph, so the slow weights learn to write fast-weight memory that supports the continuation (§8.2;
 `detach_prefix=True` reproduces the pre-release no_grad-prefix shortcut, as an ablation).
 
 Two paths compute `refine_loss` for FIXED rollouts and agree in loss and every gradient (tests/test_refine_step.py):

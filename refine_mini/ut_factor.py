@@ -47,7 +47,7 @@ def _lower_left_blocks(X: Tensor, s: int) -> Tensor:
 
 def unit_lower_inverse(A: Tensor, base: int = 8) -> Tensor:
     """(I + A)⁻¹ for strictly lower-triangular A (.., C, C) by blocked doubling: invert the diagonal base x base
-    blocks with `_inverse_by_doubling`, then merge neighbours, [[T1, 0], [A21, T2]]⁻¹ lower-left = -T2 A21 T1.
+    blocks with `_inverse_by_doubling`, then merge neighbours, [[L11, 0], [A21, L22]]⁻¹ lower-left = -T2 A21 T1.
     Pure batched matmuls (fast autograd on CPU; linalg.solve_triangular's backward was far slower).
     base 8, not 16: the powers A^(2^j) of a block of near-parallel keys grow large and cancel, and in fp32 a 16x16
     block lost 1.6e-6 of T with Dk = 1 (8x8: 1.4e-7); a property test found it (chunked vs recurrent, 1.2e-5)."""
@@ -83,10 +83,10 @@ def _substitute(L: Tensor) -> Tensor:
 def ut_factor(kz: Tensor, bz: Tensor, base: int = 16) -> Tensor:
     """T = (I + A)⁻¹ with A = strict_tril(diag(b) K Kᵀ), for the kernel's no-grad forward. kz (Z,C,Dk), bz (Z,C,1).
 
-    Blocked like `unit_lower_inverse` (merge neighbours: the lower-left block of [[T1, 0], [A21, T2]]⁻¹ is
-    -T2 A21 T1), with two differences that make it cheaper on CPU: the blocks of A are computed from K where
-    they are needed (the full C x C product is never formed: 5/8 of it is, at C = 64), and the base x base diagonal
-    blocks are inverted exactly by `_substitute`. Equal to `unit_lower_inverse` up to rounding (test)."""
+    Blocked like `unit_lower_inverse` (merge neighbours: the lower-left block of [[L11, 0], [A21, L22]]⁻¹ is
+    -T2 A21 T1, Ti = Lii⁻¹), with two differences that make it cheaper on CPU: the blocks of A are computed from K
+    where they are needed (the full C x C product is never formed: 5/8 of it is, at C = 64), and the base x base
+    diagonal blocks are inverted exactly by `_substitute`. Equal to `unit_lower_inverse` up to rounding (test)."""
     Z, C, Dk = kz.shape
     Cp = 1 << (C - 1).bit_length()                                     # next power of two >= C
     if Cp != C:                                                         # zero rows (k = 0, b = 0): T = diag(T_C, I)
