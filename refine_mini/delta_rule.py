@@ -45,7 +45,13 @@ Tensor = torch.Tensor
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None,
              initial_state: Tensor | None) -> tuple[torch.dtype, float, Tensor]:
-    """Validate shapes; return (compute dtype, scale, h0 in the compute dtype)."""
+    """Validate shapes, dtypes (floating point: o.to(q.dtype) would truncate to an integer q) and devices; return
+    (compute dtype, scale, h0 in the compute dtype)."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("initial_state", initial_state)):
+        if x is not None and not (isinstance(x, Tensor) and x.is_floating_point()):
+            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name} is on {x.device}, q on {q.device}: all inputs must be on one device")
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be (B, H, T, Dk), got {tuple(q.shape)} and {tuple(k.shape)}")
     B, H, T, Dk = q.shape

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent
-from refine_mini.state import check_ends
+from refine_mini.state import check_ends, check_fields
 
 __all__ = ["delta_rule_recurrent", "delta_rule_chunked", "DeltaNetState", "DeltaNet"]
 
@@ -180,7 +180,8 @@ class DeltaNet(nn.Module):
             state = self.initial_state(B, x.device)
         elif not isinstance(state, DeltaNetState):
             raise ValueError(f"a DeltaNet layer needs a DeltaNetState, got a {type(state).__name__}")
-        elif state.S.shape != (B, H, Dk, Dv) or state.conv.shape != (B, self.conv_size - 1, self.channels):
+        check_fields(state, {"S": None, "conv": None}, x.device)  # floating-point tensors on x's device
+        if state.S.shape != (B, H, Dk, Dv) or state.conv.shape != (B, self.conv_size - 1, self.channels):
             raise ValueError(f"state S {tuple(state.S.shape)}, conv {tuple(state.conv.shape)} does not fit input "
                              f"batch {B}: expected S {(B, H, Dk, Dv)}, conv {(B, self.conv_size - 1, self.channels)}")
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from refine_mini.lact_ops import lact_chunked
 from refine_mini.lact_ragged import LaCTRaggedState, ragged_forward, to_ragged
 from refine_mini.rope import apply_rope
-from refine_mini.state import check_ends
+from refine_mini.state import check_ends, check_fields
 
 TTT_NORM_EPS = 1e-5  # per-head RMSNorm on the TTT output (released value)
 QK_L2_EPS = 1e-5  # x / (||x|| + eps) on the fast q, k
@@ -225,6 +225,21 @@ class LaCT(nn.Module):
                                        swa_v=va[r, lo:t + 1].clone(), pos=t + 1))
         return snaps
 
+    def _check_state(self, state, B, device):
+        """ValueError unless every field fits a batch of B on `device`: buffers hold the pos mod C tokens since the
+        last chunk boundary, the window min(W-1, pos) keys (any other state would cut chunks at the wrong tokens)."""
+        pos = state.pos
+        if type(pos) is not int or pos < 0:
+            raise ValueError(f"LaCTState.pos must be an int >= 0, got {pos!r}")
+        Hf, d, h = self.n_heads_fast, self.head_dim_fast, self.hidden_fast
+        Ha, dh = self.n_heads_attn, self.head_dim_attn
+        nb, nkv = pos % self.chunk_size, min(self.window - 1, pos)
+        wide, tall, buf, win = (B, Hf, h, d), (B, Hf, d, h), (B, nb, Hf), (B, nkv, Ha, dh)
+        check_fields(state, dict(w0=wide, w1=tall, w2=wide, m0=wide, m1=tall, m2=wide, n0=(B, Hf, h, 1),
+                                 n1=(B, Hf, d, 1), n2=(B, Hf, h, 1), buf_k=(*buf, d), buf_v=(*buf, d),
+                                 buf_eta=(*buf, 3), buf_m=buf, swa_k=win, swa_v=win), device,
+                     f" (at position {pos}: {nb} buffered tokens, {nkv} window keys)")
+
     def _run(self, x, state, with_history=False):
         """forward, plus what snapshots need: post-RoPE keys/values (B, n_kv + T, Ha, dh), the fast inputs and (with
         with_history) the fast weights entering each chunk: (y, state, inputs, history or None)."""
@@ -237,10 +252,8 @@ class LaCT(nn.Module):
             return (*ragged_forward(self, x, state), None, None)
         if not isinstance(state, LaCTState):
             raise ValueError(f"a LaCT layer needs a LaCTState or LaCTRaggedState, got a {type(state).__name__}")
-        if state.w0.shape != (B, *self.w0_init.shape):
-            raise ValueError(f"state fast weight w0 {tuple(state.w0.shape)} does not fit input batch {B}: "
-                             f"expected {(B, *self.w0_init.shape)}")
         Ha, dh = self.n_heads_attn, self.head_dim_attn
+        self._check_state(state, B, x.device)
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, 3D) -> 3 x (B, T, D)
 
         # (a) sliding-window attention with absolute-position RoPE; cache keeps post-RoPE keys.

@@ -141,6 +141,10 @@ def lact_chunked(q, k, v, eta, m, weights, momenta, norms, buffer, chunk_size,
         raise ValueError(f"k, v (B, H, T, d), eta (B, H, T, 3) and m (B, H, T) must match q's (B, H, T) = "
                          f"{(B, H, T)}, got {tuple(k.shape)}, {tuple(v.shape)}, {tuple(eta.shape)}, {tuple(m.shape)}")
     C = check_chunk_size(chunk_size)
+    if not all(t.is_floating_point() and t.device == q.device for t in (q, k, v, eta, m, *weights, *momenta, *norms,
+                                                                        *buffer)):  # o.to(q.dtype): an int q truncates
+        raise ValueError("lact_chunked needs floating-point tensors on one device (q's) for q, k, v, eta, m and the "
+                         "weights, momenta, norms and buffer")
     dt = torch.promote_types(weights[0].dtype, torch.float32)  # the op's math in fp32 at least
     weights, momenta, norms, buffer = (tuple(t.to(dt) for t in ts) for ts in (weights, momenta, norms, buffer))
     n_buf = buffer[0].shape[2]

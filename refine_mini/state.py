@@ -89,3 +89,17 @@ def check_ends(ends: list, batch: int, length: int) -> None:
     if len(ends) != batch or any(not 0 <= t < length for row in ends for t in row):
         raise ValueError(f"snapshot positions {ends} do not fit a pass of {batch} rows of {length} tokens: one list "
                          f"per row, each position in [0, {length})")
+
+
+def check_fields(state, shapes: dict, device: torch.device, why: str = "") -> None:
+    """ValueError unless every field `name` of `shapes` is a floating-point tensor on `device` of shape
+    `shapes[name]` (None: any shape). A layer state handed back by a caller is checked, not trusted: an integer or
+    misplaced tensor fails deep inside torch, and a tensor of another shape may broadcast and compute nonsense."""
+    for name, shape in shapes.items():
+        t = getattr(state, name)
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device == device):
+            got = f"{t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise ValueError(f"{type(state).__name__}.{name} must be a floating-point tensor on {device}, got {got}")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{type(state).__name__}.{name} of shape {tuple(t.shape)} does not fit input batch "
+                             f"{shape[0]}: expected {tuple(shape)}{why}")
