@@ -184,7 +184,7 @@ def test_sampling_without_an_explicit_generator_is_refused():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(c=0), ""), (dict(c=-1), ""), (dict(c=2.0), ""), (dict(k=0), ""), (dict(tau=float("nan")), "tau"),
+    (dict(c=0), None), (dict(c=-1), None), (dict(c=2.0), None), (dict(k=0), None), (dict(tau=float("nan")), "tau"),
     (dict(tau=float("inf")), "tau"), (dict(lengths=[40, 41]), "lengths"), (dict(lengths=[40]), "lengths"),
     (dict(entropy=torch.rand(0, 40)), "lengths"), (dict(entropy=torch.rand(0, 40), lengths=[]), "lengths")])
 def test_select_positions_refuses_bad_arguments(bad, message):
