@@ -18,6 +18,8 @@ as in the paper; --sft-steps 2 matches them).
 Deviations: our synthetic eval-split tasks and lengths instead of RULER QA / LongBench at 4K-16K; a constant LR of
 1e-4 instead of 1e-6 (our ~2M-parameter models need a larger one; a tuned knob, --lr); AdamW (0.9, 0.999), wd 0.01 on
 matrices only (verl decays every parameter; norm gains and 1-D vectors are exempt here).
+REFINE-TTT fixes the mini-batch COUNT at 2, the paper the mini-batch SIZE at 4 prompts: they agree at the default
+--batch-size 8 only (16 prompts: 2 steps of 8 here, 4 steps of 4 in the paper).
 Bad input (missing or corrupted checkpoint, unknown task, bad sizes) prints one line and exits with status 2.
 """
 

@@ -19,6 +19,10 @@ Deviations from the paper:
 - The SFT target is Example.target, " <answer>\\n": answers[0]-style text plus the newline that ends every answer
   in our prompt format (the paper appends no EOS; our evaluation stops at the first newline, which plays EOS's role).
   Prompt and target are tokenised separately, as in the paper; rows are right-padded, never left-padded.
+- The answer-SFT loss is ONE token mean over the whole batch's targets (the paper: per micro-batch of 2), and
+  targets are not cut to 32 tokens (ours are far shorter).
+- Without --init, post-training starts from the NTP pre-trained base (runs/<model>-pretrain), not from a
+  REFINE mid-trained model as the paper's PostTr does (§3); `--init runs/<model>-mid` gives that chain.
 - The before/after score is a quick check: eval_samples eval-split prompts per task at the training length, greedy
   decoding until the first newline, scored with the task's metric (NIAH recall, QA substring), in percent, next to
   the teacher-forced NLL of the gold answers (nats per answer token), which moves before the score does.
