@@ -16,7 +16,7 @@ from pathlib import Path
 from refine_mini.common import (FP32_MAX, PRECISIONS, CheckpointError, check_writable, fail, keep_freed_memory,
                                 load_checkpoint, out_of_memory, pick_device, set_seed)
 from refine_mini.model import ModelConfig
-from refine_mini.resume import configure, given_flags, saved_config
+from refine_mini.resume import configure, given_flags, same_data, saved_config
 from refine_mini.trainer import TrainConfig, check_lr, pretrain
 
 MODELS = ("deltanet", "lact")
@@ -208,6 +208,7 @@ def run_pretrain(args, out: Path, device) -> dict:
         saved = saved_config(load_checkpoint(out, expect_mixer=args.model, for_resume=True, mmap=True), "pretrain", out)
     configure(cfg, {**given_flags(args, PRETRAIN_FLAGS), "compile": compile_}, saved)
     corpus = make_corpus(cfg.data, cfg.seq_len, seed=cfg.seed)
+    cfg.data_digest = same_data(cfg.data_digest, corpus)  # a resume refuses a --data file edited since the start
     metrics = pretrain(default_model_config(args.model), cfg, corpus, out, device, resume=saved is not None)
     print(f"done: {out}/ckpt.pt  " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
     return metrics

@@ -50,9 +50,9 @@ def autocast_off(kernel):
     """Decorator: run `kernel` with autocast off on the device of its first tensor argument (positional or keyword).
 
     Under bf16 autocast every matmul would run in bf16, and a fast-weight state summed over thousands of tokens in
-    bf16 drifts (and an in-place fp32 update of it fails). The kernels cast their inputs themselves (to fp32, fp64
-    for fp64), so with autocast off they compute exactly what they compute outside it: bf16 speeds up the layer's
-    projections around them. A custom backward wears it too, as autocast reaches a backward called inside it."""
+    bf16 drifts (and an in-place fp32 update of it fails). The kernels cast their inputs themselves (fp32, or fp64),
+    so with autocast off they compute what they compute outside it; bf16 speeds up the projections around them. A
+    custom backward wears it too, as autocast reaches a backward called inside it."""
     @functools.wraps(kernel)
     def run(*args, **kwargs):
         device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -81,15 +81,13 @@ def pick_device(name: str = "auto") -> torch.device:
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Ask glibc's malloc to keep freed blocks below `limit` bytes for reuse instead of handing them back to the OS.
 
-    Why: by default glibc gives each block above a dynamic threshold (128 KiB, at most 32 MiB) its own mmap, unmaps it
-    on free, and trims the heap top, so a training step page-faults the same large tensors back in every time: ~140 000
-    faults (570 MB) per default DeltaNet NTP step before the fused head loss, a fifth to a third of its time (README).
-    mallopt(M_MMAP_THRESHOLD and M_TRIM_THRESHOLD = limit) stops that, for freed memory that stays resident (peak RSS
-    +8-18 %). Process-wide, so only the entry scripts call it (CPU runs). False, changing nothing, outside glibc."""
+    Why: by default glibc mmaps each block above a dynamic threshold (128 KiB to 32 MiB), unmaps it on free and trims
+    the heap top, so a step page-faults its large tensors back in every time (~140 000 faults per default DeltaNet NTP
+    step before the fused head loss; README). mallopt(M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = limit) stops that (peak
+    RSS +8-18 %). Process-wide, so only the entry scripts call it (CPU runs). False, changing nothing, outside glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if not libc.gnu_get_libc_version:                             # raises AttributeError outside glibc
-            return False
+        libc.gnu_get_libc_version                                     # raises AttributeError outside glibc
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                        # glibc's <malloc.h> parameter numbers
@@ -109,34 +107,6 @@ def clock(device: torch.device | str) -> float:
     return time.perf_counter()
 
 
-def rng_state() -> dict:
-    """The global RNG states of Python, NumPy and torch's CPU generator, as tensors and plain values (weights_only
-    loading accepts them). Not CUDA's: nothing draws from them (models start on CPU, every sampler is a Generator
-    from (seed, step)), and saving them would start CUDA in CPU runs and tie a checkpoint to the visible GPUs."""
-    return {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
-            "numpy": _to_plain(np.random.get_state())}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_to_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    # a "cuda" entry (checkpoints written before CUDA states were left out) is ignored, for rng_state's reasons
-
-
-def _to_plain(x):
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (tuple, list)):
-        return [_to_plain(v) for v in x]
-    return x
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
-
-
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write `payload` to `path` atomically (write_atomic)."""
     write_atomic(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **payload}, f))
@@ -144,7 +114,8 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
 
 def write_atomic(path: str | Path, write) -> None:
     """`write(f)` fills a temp file (binary) in path's folder, which then replaces `path`: a reader sees either the
-    old file or the complete new one (checkpoints, eval_niah's results)."""
+    old file or the complete new one (checkpoints, eval_niah's results). The file is fsynced before the rename and
+    the folder after it, so after a power cut the name points at the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -158,8 +129,19 @@ def write_atomic(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed (SIGKILL) midway
         stale.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable; best effort (some filesystems refuse fsync on a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -197,8 +179,10 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     if missing:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: it holds no {', '.join(missing)}")
     if for_resume and not (type(ckpt["step"]) is int and ckpt["step"] >= 0 and isinstance(ckpt["optimizer"], dict)
-                           and isinstance(ckpt["rng"], dict) and {"python", "torch", "numpy"} <= ckpt["rng"].keys()):
-        raise CheckpointError(f"checkpoint {path} cannot be resumed: its step, optimizer or RNG states are malformed")
+                           and isinstance(ckpt["rng"], dict) and {"python", "torch", "numpy"} <= ckpt["rng"].keys()
+                           and type(ckpt.get("skipped", 0)) is int and ckpt.get("skipped", 0) >= 0):
+        raise CheckpointError(f"checkpoint {path} cannot be resumed: its step, optimizer, RNG states or skipped-step "
+                              f"count are malformed")
     mixer = ckpt["model_config"]["mixer"]
     if expect_mixer is not None and mixer != expect_mixer:
         raise CheckpointError(f"checkpoint {path} holds a {mixer} model, but --model {expect_mixer} was asked for")

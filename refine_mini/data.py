@@ -32,7 +32,8 @@ User text: `textfiles.load_text_documents` reads a .txt file, a .jsonl file or a
 one ends and the next begins: textfiles.py). Documents are tokenised once, without BOS; `pack` joins them with EOT
 between and cuts T-token rows, `filter_docs` keeps documents of ≥ T tokens cut to T. The train/val split is by
 document: document i is in val iff a hash of (seed, i) falls below val_fraction (never an overlap; at least one of
-each). Rows hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1].
+each). Rows hold T tokens; the trainer predicts tokens[:, 1:] from tokens[:, :-1]. Their `digest` is saved with a
+run, and a resumed run refuses files whose rows have changed since (resume.same_data).
 Deviation: the paper mid-trains on long-document corpora (e.g. LongBench-like books); ours is synthetic by default.
 """
 
@@ -180,6 +181,14 @@ def pack(token_docs: list[list[int]], seq_len: int) -> torch.Tensor:
     return torch.tensor(flat[:n * seq_len], dtype=torch.long).view(n, seq_len)  # (N, T)
 
 
+def rows_digest(*rows: torch.Tensor) -> str:
+    """A short SHA-256 of token-row tensors (shapes and values): what a run trained on, compared on resume."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(repr(tuple(r.shape)).encode() + r.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def filter_docs(token_docs: list[list[int]], seq_len: int) -> torch.Tensor:
     """Documents of at least T tokens, truncated to T: (N, T) long."""
     rows = [d[:seq_len] for d in token_docs if len(d) >= seq_len]
@@ -190,6 +199,7 @@ class Corpus:
     """A source of (B, T) LongTensor batches; `batch` draws with the caller's torch.Generator."""
 
     seq_len: int
+    digest: str | None = None  # rows_digest of the user's rows; the built-in corpus is generated, so it has none
 
     def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -220,13 +230,14 @@ class TokenCorpus(Corpus):
                  name: str = "corpus"):
         if mode not in ("pack", "filter"):
             raise ValueError(f"unknown mode {mode!r}; expected 'pack' or 'filter'")
-        self.seq_len = seq_len
+        self.seq_len, self.name = seq_len, name
         self.train_idx, self.val_idx = split_documents(docs, seed, val_fraction)
         rows_of = pack if mode == "pack" else filter_docs
         self.train_rows = rows_of([encode(docs[i]) for i in self.train_idx], seq_len)  # (N, T)
         self.val_rows = rows_of([encode(docs[i]) for i in self.val_idx], seq_len)  # (M, T)
         if len(self.train_rows) == 0:
             raise ValueError(f"{name}: no training sequence of {seq_len} tokens (mode {mode!r}); corpus too small")
+        self.digest = rows_digest(self.train_rows, self.val_rows)
 
     def batch(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(self.train_rows), (batch_size,), generator=generator)  # (B,)

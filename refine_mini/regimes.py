@@ -5,14 +5,13 @@ is the matched NTP-only baseline, and how does a run log, checkpoint, resume and
 
 method.md §1.9 (the whole step), §2 (hyper-parameters), §3 (what differs per regime), §8.3 (step counts), §9.
 - mid (`--objective refine`, the default): long documents from the corpus (the built-in synthetic one, or --data);
-  every batch is one §1.9 loop: entropy selection, c*n rollouts of k tokens, cosine reward, GRPO + NTP.
-  λ_NTP 1, λ_RL 0.2, c 8, k 5, n 1, PPO ε 0.2 (paper §2 defaults; RefineConfig owns them).
-  Deviation: one optimizer step per batch (RefineConfig.schedule "single", on-policy, no separate rollout
-  pass), not the paper's 4 mini-batch steps; `--schedule minibatch --minibatches 4` runs the official schedule, where
-  the later mini-batches are slightly off-policy and the PPO clip acts (refine.py). The baselines match either count.
-- mid `--objective ntp`: the baseline "SFT MidTr" -- NTP only on the same documents, with the SAME number of
-  optimizer steps per batch as REFINE takes (one per REFINE mini-batch, on the same rows). method.md §8.3 suspects
-  the paper's baselines took fewer steps; we match them and log the count (`opt_step`) so the comparison is fair.
+  every batch is one §1.9 loop: entropy selection, c*n rollouts of k tokens, cosine reward, GRPO + NTP. λ_NTP 1,
+  λ_RL 0.2, c 8, k 5, n 1, PPO ε 0.2 (paper §2 defaults; RefineConfig owns them). Deviation: one optimizer step per
+  batch (RefineConfig.schedule "single", on-policy, no separate rollout pass), not the paper's 4 mini-batch steps;
+  `--schedule minibatch --minibatches 4` runs the official schedule, where the later mini-batches are slightly
+  off-policy and the PPO clip acts (refine.py). The baselines match either count.
+- mid `--objective ntp`: the baseline "SFT MidTr": NTP only, on the same rows, with REFINE's number of optimizer
+  steps per batch (method.md §8.3 suspects the paper's baselines took fewer); logged as `opt_step`, so it is fair.
 - post: see posttrain.py (REFINE on the prompt, then one answer-SFT step; baselines sft / nested-sft).
 
 Optimizer (§2): AdamW β (0.9, 0.999), weight decay 0.01 on matrices, constant LR, no warm-up, grad-norm clip 1.0.
@@ -23,10 +22,10 @@ teaches no new format (half the pre-training documents are task prompts with ans
 ("What to expect" in the README: MV-NIAH 41 % -> 25 % and MQ-NIAH 50 % -> 25-28 % at 3e-4).
 
 Run folder: config.json (the resolved config), metrics.jsonl (one line per OPTIMIZER step: step = batch index,
-opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, and whatever refine_step returns; in mid-training
-every val_every-th batch's last line also holds val_loss and val_sampled_acc, method.md §3), ckpt.pt (atomic, every
-ckpt_every batches and at the end). A non-finite loss stops the run before it saves. Resume (--resume) is exact on
-CPU: every batch and rollout sampler is seeded by (seed, step); the checkpoint holds model, optimizer, step, RNGs.
+opt_step = optimizer steps so far, phase = refine|ntp|sft, lr, refine_step's values; in mid-training every
+val_every-th batch's last line also holds val_loss and val_sampled_acc, method.md §3), ckpt.pt (atomic, every
+ckpt_every batches and at the end). A non-finite loss stops the run before it saves. --resume is exact on CPU: every
+sampler is seeded by (seed, step); the checkpoint holds model, optimizer, step, RNGs and the skipped-step streak.
 """
 
 import json
@@ -38,8 +37,9 @@ import torch
 
 from refine_mini import tokenizer
 from refine_mini.common import (MetricLog, base_checkpoint, checkpoint_seq_len, clock, load_checkpoint, make_generator,
-                                run_dir, set_rng_state, write_atomic)
-from refine_mini.resume import configure, given_flags, require_ahead, require_same, saved_config, trim_log
+                                run_dir, write_atomic)
+from refine_mini.resume import (configure, given_flags, require_ahead, require_same, same_data, saved_config,
+                                set_rng_state, trim_log)
 from refine_mini.trainer import (apply_compute_settings, clip_and_step, make_optimizer, model_from_checkpoint,
                                  ntp_loss_from_hidden, save_run, skip_streak, validation_metrics)
 
@@ -64,6 +64,7 @@ class RegimeConfig:
     checkpoint_segment: int = 0  # checkpoint each block on pieces of this many tokens (0: whole sequences)
     precision: str = "fp32"  # fp32 | bf16 autocast over fp32 weights (the paper's; FastWeightLM.set_precision)
     data: str | None = None  # mid: the corpus (absolute path; None = built-in); post trains on generated prompts
+    data_digest: str | None = None  # mid: a digest of the --data corpus' token rows (resume.same_data)
     refine: dict = field(default_factory=dict)  # RefineConfig overrides (c, k, n, reward, lambda_rl, ...)
     train_tasks: tuple = ("s_niah", "mk_niah", "qa")  # post: TRAINING-split tasks, mixed within each batch
     eval_tasks: tuple = ("s_niah", "qa")  # post: the quick before/after score (EVAL split, greedy)
@@ -111,8 +112,7 @@ def refine_config(overrides: dict):
     """Adapter to refine.py's RefineConfig: its own defaults, then our overrides (unknown names are an error)."""
     from refine_mini.refine import RefineConfig
     names = {f.name for f in fields(RefineConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
+    if unknown := sorted(set(overrides) - names):
         raise ValueError(f"RefineConfig has no field(s) {', '.join(unknown)}")
     return RefineConfig(**overrides)
 
@@ -163,8 +163,7 @@ def ntp_step(model, optimizer, tokens: torch.Tensor, grad_clip: float) -> dict:
 
 def check_finite(metrics: dict, keys) -> None:
     for key in keys:
-        value = metrics.get(key)
-        if value is not None and not math.isfinite(float(value)):
+        if (value := metrics.get(key)) is not None and not math.isfinite(float(value)):
             raise FloatingPointError(f"non-finite {key} ({value}); stopping")
 
 
@@ -201,6 +200,7 @@ class Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             set_rng_state(ckpt["rng"])
             self.step, self.opt_steps, self.extra = ckpt["step"], ckpt.get("opt_steps", 0), ckpt.get("extra", {})
+            self.skipped = ckpt.get("skipped", 0)  # a streak of skipped steps goes on across a resume
             if getattr(args, "init", None):  # the base is part of the run: restated, or refused
                 require_same("init", str(Path(args.init).resolve()), self.extra.get("init"))
             require_ahead(cfg.max_steps, self.step, out)
@@ -212,8 +212,7 @@ class Run:
         self.resume, self.log = resume, None
 
     def start(self) -> None:
-        """Write config.json and open metrics.jsonl: called once the caller has checked its own inputs too, so a
-        run that fails on bad input leaves an existing run folder as it was."""
+        """Write config.json, open metrics.jsonl; called once every input is checked (bad input writes nothing)."""
         cfg, resume, out = self.cfg, self.resume, self.out
         resolved = {"regime": cfg.regime, "model": asdict(self.model.cfg), "run": asdict(cfg),
                     "refine": asdict(self.rcfg), "init": self.extra.get("init"),
@@ -242,8 +241,8 @@ class Run:
             self.save()
 
     def save(self) -> None:
-        save_run(self.out, self.model, self.optimizer, self.step, self.model.cfg, self.cfg,
-                 self.cfg.regime, opt_steps=self.opt_steps, objective=self.cfg.objective, extra=self.extra)
+        save_run(self.out, self.model, self.optimizer, self.step, self.model.cfg, self.cfg, self.cfg.regime,
+                 opt_steps=self.opt_steps, skipped=self.skipped, objective=self.cfg.objective, extra=self.extra)
 
     def close(self) -> None:
         if self.log is not None:
@@ -267,6 +266,7 @@ def run_mid(args, cfg: RegimeConfig, out: Path, device) -> dict:
     run = Run(args, cfg, out, device)
     # user documents of >= T tokens, each truncated to its first T (method.md §3, §9), never packed together
     corpus = make_corpus(cfg.data, cfg.seq_len, seed=cfg.seed, mode="filter")
+    cfg.data_digest = same_data(cfg.data_digest, corpus)  # a resume refuses a --data file edited since the start
     run.start()  # only now, with every input checked, is anything in `out` written
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.val_batches]]  # fixed val-split rows
     if not val:

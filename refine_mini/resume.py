@@ -15,11 +15,17 @@ bf16 run resumed without `--precision bf16` would go on in fp32, a run on `--dat
   --checkpoint-segment), and how often it validates or saves. A given one wins.
 A checkpoint saved before a field existed takes that field's default (e.g. fp32 precision). The device is not part
 of the config: a checkpoint is loaded onto the CPU first and holds no CUDA RNG state, so --device may change.
-The resumed run's metrics log drops the lines logged after its checkpoint (`trim_log`).
+The resumed run's metrics log drops the lines logged after its checkpoint (`trim_log`). The data path is compared,
+and so is the data itself (`same_data`: a digest of the --data token rows); the global RNG states are restored
+(`rng_state`, `set_rng_state`).
 """
 import json
+import random
 from dataclasses import fields
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from refine_mini.common import write_atomic
 
@@ -68,6 +74,19 @@ def require_ahead(max_steps: int, step: int, out) -> None:
         raise ValueError(f"--max-steps {max_steps} is below step {step}, which {out} has reached")
 
 
+def same_data(saved: str | None, corpus) -> str | None:
+    """The corpus' digest (data.Corpus.digest), once it is known to be `saved`, the digest a resumed run's checkpoint
+    holds: ValueError if the --data files changed since the run started, as the resumed run would then train on
+    other rows than the uninterrupted one. No digest saved (a fresh run, the built-in corpus, an older checkpoint):
+    nothing to compare."""
+    digest = getattr(corpus, "digest", None)
+    if saved is not None and digest != saved:
+        raise ValueError(f"--data {getattr(corpus, 'name', '?')} has changed since this run was started (its token "
+                         f"rows' digest is {digest}, the checkpoint's {saved}); restore it, or start afresh "
+                         f"(--overwrite)")
+    return digest
+
+
 def saved_config(ckpt: dict, regime: str, out) -> dict:
     """A checkpoint's saved train_config ({} when it has none), once its run is known to be of `regime`."""
     if ckpt.get("regime", regime) != regime:
@@ -104,3 +123,26 @@ def _logged_step(line: str) -> float | None:
         return None
     value = obj.get("step", 0) if isinstance(obj, dict) else None
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def rng_state() -> dict:
+    """The global RNG states of Python, NumPy and torch's CPU generator, as values weights_only loading accepts. Not
+    CUDA's: nothing draws from them (every sampler is a Generator from (seed, step)); saving them would start CUDA."""
+    return {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
+            "numpy": _to_plain(np.random.get_state())}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    # a "cuda" entry (checkpoints written before CUDA states were left out) is ignored, for rng_state's reasons
+
+
+def _to_plain(x):
+    return x.tolist() if isinstance(x, np.ndarray) else [_to_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x

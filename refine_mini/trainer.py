@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from refine_mini.common import (FP32_MAX, CheckpointError, MetricLog, clock, load_checkpoint, rng_state, run_dir,
-                                save_checkpoint, set_rng_state, write_atomic)
+from refine_mini.common import (FP32_MAX, CheckpointError, MetricLog, clock, load_checkpoint, run_dir, save_checkpoint,
+                                write_atomic)
 from refine_mini.head_loss import IGNORE, default_block_rows
 from refine_mini.model import FastWeightLM, ModelConfig, sample_token
-from refine_mini.resume import configure, require_ahead, saved_config, trim_log
+from refine_mini.resume import configure, require_ahead, rng_state, saved_config, set_rng_state, trim_log
 from refine_mini.tokenizer import encode
 
 ANSWER_CUE = encode("Answer:")  # token ids of the cue before every answer (textgen.py), after a newline
@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast over fp32 weights, FastWeightLM.set_precision)
     answer_weight: float = 100.0  # loss weight of answer tokens relative to the rest (module docstring); 1 = NTP
     data: str | None = None  # the corpus file or folder (absolute path); None = the built-in one (data.make_corpus)
+    data_digest: str | None = None  # a digest of the --data corpus' token rows, checked on resume (resume.same_data)
 
 
 def apply_compute_settings(model, cfg) -> None:
@@ -110,8 +111,7 @@ def ntp_loss_from_hidden(model, hidden: torch.Tensor, tokens: torch.Tensor) -> t
 
 
 def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per position from full logits (B, T, V), (B, T); 0 at the last position. The plain
-    form of what ntp_loss_from_hidden computes blockwise (tests compare the two)."""
+    """(B, T) next-token CE from full logits (B, T, V), 0 at the last position: the fused loss's plain form."""
     nll = F.cross_entropy(logits.flatten(0, 1), next_token_targets(tokens).flatten(), ignore_index=IGNORE,
                           reduction="none")  # (B*T, V) vs (B*T,) -> (B*T,)
     return nll.view(tokens.shape)  # (B*T,) -> (B, T)
@@ -237,7 +237,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     model = FastWeightLM(model_cfg).to(device)
     apply_compute_settings(model, cfg)
     optimizer = make_optimizer(model, cfg)
-    start = 0
+    start, skipped = 0, 0  # skipped: the optimizer steps skipped in a row so far (skip_streak), kept through a resume
     if resume and (out / "ckpt.pt").exists():
         ckpt = load_checkpoint(out, expect_mixer=model_cfg.mixer, for_resume=True)
         saved = saved_config(ckpt, "pretrain", out)
@@ -248,7 +248,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
             raise CheckpointError(f"checkpoint {out}/ckpt.pt holds non-finite (NaN or inf) weights")
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
+        start, skipped = ckpt["step"], ckpt.get("skipped", 0)
         require_ahead(cfg.max_steps, start, out)
         trim_log(out / "metrics.jsonl", start)  # lines a killed run logged after its last checkpoint
         print(f"resuming {out} at step {start}")
@@ -262,7 +262,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
     val = [b.to(device) for b in corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]]
     if not val:
         print(f"note: no validation row of {cfg.seq_len} tokens; pre-training runs without validation")
-    metrics, skipped = {}, 0
+    metrics = {}
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"pretrain {model_cfg.mixer}")
     try:  # the log is closed however the loop ends (FloatingPointError, Ctrl-C)
         for step in bar:
@@ -289,7 +289,7 @@ def pretrain(model_cfg: ModelConfig, cfg: TrainConfig, corpus, out: Path, device
             shown = {"val": metrics["val_loss"]} if "val_loss" in metrics else {}
             bar.set_postfix(loss=f"{loss.item():.3f}", **shown)
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-                save_run(out, model, optimizer, step + 1, model_cfg, cfg, "pretrain")
+                save_run(out, model, optimizer, step + 1, model_cfg, cfg, "pretrain", skipped=skipped)
     finally:
         log.close()
     return metrics

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from refine_mini import data
-from refine_mini.common import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from refine_mini.common import CheckpointError, load_checkpoint, save_checkpoint
+from refine_mini.resume import rng_state, set_rng_state
 from refine_mini.textgen import is_split_key, is_split_value
 from refine_mini.tokenizer import decode
 from tests.test_regime_contracts import tiny_model

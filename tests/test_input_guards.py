@@ -171,7 +171,7 @@ def test_edited_checkpoint_fields_are_checkpoint_errors(pretrained, capsys):
         model_from_checkpoint({**ckpt, "model_config": {**ckpt["model_config"], "n_heads": 0}}, torch.device("cpu"))
     for field, value in (("rng", {}), ("step", "2"), ("step", -1), ("optimizer", [])):
         save_checkpoint(pretrained / "ckpt.pt", {**ckpt, field: value})
-        with pytest.raises(CheckpointError, match="step, optimizer or RNG states are malformed"):
+        with pytest.raises(CheckpointError, match="step, optimizer, RNG states or skipped-step count are malformed"):
             load_checkpoint(pretrained, for_resume=True)
     save_checkpoint(pretrained / "ckpt.pt", {**ckpt, "train_config": {**ckpt["train_config"], "seq_len": "abc"}})
     before = files(pretrained)

@@ -10,9 +10,9 @@ import torch
 import train
 import tta
 from refine_mini import trainer
-from refine_mini.common import CheckpointError, clock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from refine_mini.common import CheckpointError, clock, load_checkpoint, save_checkpoint
 from refine_mini.model import FastWeightLM
-from refine_mini.resume import trim_log
+from refine_mini.resume import rng_state, set_rng_state, trim_log
 from refine_mini.trainer import make_optimizer, model_from_checkpoint, pretrain, save_run, skip_streak
 from tests.test_regimes import LENGTH, tiny_ckpt  # noqa: F401 (a fixture)
 from tests.test_train import KillingCorpus, Killed, RandomCorpus, short_run, tiny_cfg
@@ -113,6 +113,26 @@ def test_checkpoint_gets_the_usual_file_mode_and_stale_temp_files_go(tmp_path):
     assert not stale.exists() and (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_checkpoint_is_fsynced_then_renamed_then_its_folder_fsynced(tmp_path, monkeypatch):
+    """Durability order of write_atomic: the temp file's bytes reach the disk before the rename, and the folder (which
+    holds the rename) is fsynced after it, so after a power cut ckpt.pt is the old checkpoint or the whole new one."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "folder" if st.st_ino == os.stat(tmp_path).st_ino else f"file of {st.st_size} B"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": {"w": torch.ones(3)}, "model_config": {"mixer": "deltanet"}})
+    size = (tmp_path / "ckpt.pt").stat().st_size
+    assert events == [("fsync", f"file of {size} B"), ("replace", "ckpt.pt"), ("fsync", "folder")]
+
+
 def test_tta_refuses_more_sft_steps_than_prompts(tiny_ckpt, capsys):  # noqa: F811
     with pytest.raises(SystemExit) as e:
         tta.main(["--ckpt", str(tiny_ckpt), "--task", "s_niah", "--samples", "2", "--batch-size", "2",
@@ -200,3 +220,38 @@ def test_a_checkpoint_with_fewer_token_rows_than_the_tokenizer_is_a_one_line_err
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "vocabulary of 64 tokens" in err and err.count("\n") == 1
     assert not (tmp_path / "eval.json").exists() and not any((tmp_path / "mid").glob("*"))  # nothing written
+
+
+def test_a_streak_of_skipped_steps_goes_on_across_a_resume(tmp_path, tiny_ckpt, monkeypatch, capsys):  # noqa: F811
+    """The streak is saved with the checkpoint: three NaN steps before it and two after a resume are the five in a row
+    that stop the run (pre-training and the regimes alike), as they would without the interruption."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def nan_after(n):  # the real clip for the first n calls, then a NaN gradient norm
+        def clip(params, max_norm):
+            calls.append(max_norm)
+            return real(params, max_norm) if len(calls) <= n else torch.tensor(float("nan"))
+        return clip
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_after(3))
+    pretrain(tiny_cfg(), short_run(), RandomCorpus(), tmp_path / "pre", "cpu")  # steps 4-6 skipped, saved at 6
+    assert load_checkpoint(tmp_path / "pre")["skipped"] == 3
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_after(0))
+    with pytest.raises(FloatingPointError, match="5 optimizer steps in a row"):
+        pretrain(tiny_cfg(), dataclasses.replace(short_run(), max_steps=12), RandomCorpus(), tmp_path / "pre", "cpu",
+                 resume=True)
+    assert len((tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()) == 6 + 1  # step 7 logged, 8 stops
+    calls.clear()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_after(1))
+    mid = ["--model", "deltanet", "--regime", "mid", "--init", str(tiny_ckpt), "--out", str(tmp_path / "mid"),
+           "--seq-len", str(LENGTH), "--batch-size", "2", "--c", "2"]
+    assert train.main(mid + ["--max-steps", "4"]) is not None and load_checkpoint(tmp_path / "mid")["skipped"] == 3
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_after(0))
+    with pytest.raises(SystemExit) as exit_:
+        train.main(mid + ["--max-steps", "8", "--resume"])
+    assert exit_.value.code == 2 and "5 optimizer steps in a row" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "mid")["step"] == 4
+    saved = load_checkpoint(tmp_path / "pre")
+    for bad in (-1, "3", 2.0):
+        save_checkpoint(tmp_path / "bad.pt", {**saved, "skipped": bad})
+        with pytest.raises(CheckpointError, match="skipped-step count are malformed"):
+            load_checkpoint(tmp_path / "bad.pt", for_resume=True)

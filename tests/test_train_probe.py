@@ -12,7 +12,7 @@ from refine_mini.common import load_checkpoint
 from refine_mini.trainer import lr_at, pretrain
 from tests.test_input_guards import fails
 from tests.test_regime_contracts import ckpt_every_2, jsonl, killed_in_batch  # noqa: F401 (a fixture)
-from tests.test_regimes import LENGTH, small_defaults, tiny_ckpt  # noqa: F401 (fixtures)
+from tests.test_regimes import LENGTH, small_defaults, tiny_ckpt, tiny_model_cfg  # noqa: F401 (fixtures)
 from tests.test_run_safety import fake_run_folder
 from tests.test_train import Killed, KillingCorpus, RandomCorpus, short_run, tiny_cfg
 
@@ -139,3 +139,34 @@ def test_a_failed_write_leaves_the_old_log_and_config_whole(write, tmp_path, mon
             pretrain(tiny_cfg(), short_run(), RandomCorpus(), tmp_path, "cpu")
     kept = old if write == "trim_log" else {"config.json": old["config.json"]}  # a fresh run starts its log anew
     assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+
+
+def test_a_resume_refuses_data_files_edited_since_the_run_started(tmp_path, tiny_ckpt, monkeypatch, capsys):  # noqa
+    """--data's token rows are digested into the run's config (data.rows_digest). A resume on edited files would train
+    on other rows than the uninterrupted run: it is a one-line error that leaves the run folder as it was, in
+    pre-training and mid-training alike; on the same files the run goes on."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = [" ".join(words[(i + j) % 10] for j in range(n)) for i, n in enumerate([400, 450, 500] * 4)]
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n\n".join(docs))
+    monkeypatch.setattr(train, "default_model_config", tiny_model_cfg)
+    runs = {"pre": ["--model", "deltanet", "--out", str(tmp_path / "pre"), "--data", str(data), "--seq-len", "32",
+                    "--batch-size", "2", "--device", "cpu"],
+            "mid": ["--model", "deltanet", "--regime", "mid", "--objective", "ntp", "--init", str(tiny_ckpt),
+                    "--out", str(tmp_path / "mid"), "--data", str(data), "--seq-len", str(LENGTH), "--device", "cpu"]}
+    digests = {}
+    for name, argv in runs.items():
+        train.main(argv + ["--max-steps", "2"])
+        digests[name] = load_checkpoint(tmp_path / name)["train_config"]["data_digest"]
+    assert all(len(d) == 16 and int(d, 16) >= 0 for d in digests.values())
+    data.write_text("\n\n\n".join(docs).replace("gamma", "omega", 1))  # one word of one document
+    for name, argv in runs.items():
+        before = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+        err = fails(capsys, train.main, argv + ["--max-steps", "3", "--resume"])
+        assert f"--data {data} has changed since this run was started" in err and digests[name] in err
+        assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == before
+    data.write_text("\n\n\n".join(docs))
+    for name, argv in runs.items():
+        train.main(argv + ["--max-steps", "3", "--resume"])
+        ckpt = load_checkpoint(tmp_path / name)
+        assert ckpt["step"] == 3 and ckpt["train_config"]["data_digest"] == digests[name]
