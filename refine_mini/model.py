@@ -253,15 +253,18 @@ class FastWeightLM(nn.Module):
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None, state: ModelState | None = None,
                  stop_tokens: tuple[int, ...] = ()):
-        """Prefill `prompt` (B, T) once, then decode token by token from the carried state.
+        """Prefill `prompt` (B, T) of token ids once, then decode token by token from the carried state.
 
-        Never re-encodes the prefix: each step feeds one token and the state. temperature 0 is greedy.
-        Decoding ends early once every row has emitted one of `stop_tokens` (later tokens of finished rows are
-        still produced, and callers cut at the first stop token). Returns (new tokens (B, N), ModelState): the state
-        has read the prompt and every new token but the last, which is sampled and never fed (feed it to go on).
-        """
+        Never re-encodes the prefix: each step feeds one token and the state. temperature 0 is greedy. Decoding ends
+        early once every row has emitted one of `stop_tokens` (later tokens of finished rows are still produced, and
+        callers cut at the first stop token). Returns (new tokens (B, N), ModelState): the state has read the prompt and
+        every new token but the last, which is sampled and never fed (feed it to go on)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        rows = self.embed.num_embeddings  # one check per call (a sync); on CUDA an id past the table kills the process
+        if prompt.dtype not in (torch.int32, torch.int64) or not bool(((prompt >= 0) & (prompt < rows)).all()):
+            raise ValueError(f"prompt ids must be int32 or int64 in [0, {rows}), got {prompt.dtype} ids from "
+                             f"{prompt.min().item()} to {prompt.max().item()}")
         logits, _, state = self(prompt, state)
         if not bool(torch.isfinite(logits[:, -1]).all()):  # once per call: greedy argmax would hide it
             raise FloatingPointError("non-finite logits after the prompt (NaN or inf weights or activations)")

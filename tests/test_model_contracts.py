@@ -134,6 +134,19 @@ def test_generate_refuses_a_budget_below_one_token():
         tiny("deltanet").generate(torch.randint(0, 64, (2, 5)), 0, temperature=0)
 
 
+def test_generate_refuses_prompt_ids_outside_the_embedding_table():
+    """An id past the table is an IndexError deep in the embedding on CPU and kills the process on CUDA (a device-side
+    assert); a float or bool prompt is not a row index at all. Each is one ValueError, checked once per call."""
+    model = tiny("deltanet")  # vocab_size 64
+    for bad, shown in ((torch.tensor([[3, 64]]), "torch.int64 ids from 3 to 64"),
+                       (torch.tensor([[-1, 5]]), "torch.int64 ids from -1 to 5"),
+                       (torch.tensor([[1.0, 2.0]]), "torch.float32"), (torch.tensor([[True, False]]), "torch.bool")):
+        with pytest.raises(ValueError, match=r"prompt ids must be int32 or int64 in \[0, 64\), got " + shown):
+            model.generate(bad, 2, temperature=0)
+    ok = torch.tensor([[0, 63]])
+    assert torch.equal(model.generate(ok.int(), 2, temperature=0)[0], model.generate(ok, 2, temperature=0)[0])
+
+
 def test_generate_refuses_non_finite_logits_also_when_greedy():
     """Finite weights whose activations overflow (a learning rate far too large) give NaN logits: greedy argmax
     would turn them into a silent score of 0, so generate raises instead, at any temperature."""
