@@ -126,8 +126,9 @@ def _logged_step(line: str) -> float | None:
 
 
 def rng_state() -> dict:
-    """The global RNG states of Python, NumPy and torch's CPU generator, as values weights_only loading accepts. Not
-    CUDA's: nothing draws from them (every sampler is a Generator from (seed, step)); saving them would start CUDA."""
+    """The global RNG states of Python, NumPy and torch's CPU generator, as tensors and plain values (weights_only
+    loading accepts them). Not CUDA's: nothing draws from them (models start on CPU, every sampler is a Generator
+    from (seed, step)), and saving them would start CUDA in CPU runs and tie a checkpoint to the visible GPUs."""
     return {"python": _to_plain(random.getstate()), "torch": torch.get_rng_state(),
             "numpy": _to_plain(np.random.get_state())}
 
@@ -141,7 +142,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def _to_plain(x):
-    return x.tolist() if isinstance(x, np.ndarray) else [_to_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (tuple, list)):
+        return [_to_plain(v) for v in x]
+    return x
 
 
 def _to_tuple(x):

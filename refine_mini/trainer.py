@@ -111,7 +111,7 @@ def ntp_loss_from_hidden(model, hidden: torch.Tensor, tokens: torch.Tensor) -> t
 
 
 def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T) next-token CE from full logits (B, T, V), 0 at the last position: the fused loss's plain form."""
+    """(B, T) next-token CE from full logits (B, T, V), 0 at the last position: what tests hold the fused loss to."""
     nll = F.cross_entropy(logits.flatten(0, 1), next_token_targets(tokens).flatten(), ignore_index=IGNORE,
                           reduction="none")  # (B*T, V) vs (B*T,) -> (B*T,)
     return nll.view(tokens.shape)  # (B*T,) -> (B, T)

@@ -11,8 +11,7 @@ import torch
 
 import train
 from refine_mini.common import load_checkpoint, save_checkpoint
-from refine_mini.resume import rng_state
-from refine_mini.resume import FREE, configure, given_flags, saved_config
+from refine_mini.resume import FREE, configure, given_flags, rng_state, saved_config
 from refine_mini.trainer import TrainConfig, pretrain
 from tests.test_cli_contracts import pretrain_calls  # noqa: F401 (a fixture)
 from tests.test_regime_contracts import ckpt_every_2, killed_in_batch  # noqa: F401 (a fixture)
