@@ -4,7 +4,8 @@ Question answered: how does a run start, save itself and resume without ever los
 
 - One seed drives everything (`set_seed`); samplers still take explicit `torch.Generator`s.
 - Checkpoints are written atomically (temp file in the same folder, fsync, `os.replace`) so a crash mid-save keeps
-  the previous checkpoint, and are read with `torch.load(weights_only=True)`, which refuses to execute code.
+  the previous checkpoint, and are read with `torch.load(weights_only=True)`, which refuses to execute code, once
+  their zip records pass their CRC-32 checks (torch.load skips them: a flipped bit would load as a wrong weight).
 - Every load error is a `CheckpointError` with a one-line message; scripts print it and exit with status 2.
 - CPU runs keep freed memory inside the process (`keep_freed_memory`), which the scripts ask for explicitly.
 - A regime run without --init pre-trains its base first (`base_checkpoint`).
@@ -23,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -165,10 +167,13 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     if not found:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        bad = None if mmap else _first_bad_record(path)  # mmap reads the configs only; the full load checks
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap) if bad is None else None
     except Exception as e:  # truncated zip, random bytes, pickled code ... all end here
         raise CheckpointError(f"checkpoint {path} is corrupted or not a refine_mini checkpoint "
                               f"({type(e).__name__})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its record {bad} fails its CRC-32 check")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a refine_mini checkpoint (format {CHECKPOINT_FORMAT})")
     if not isinstance(ckpt.get("model_config"), dict) or "mixer" not in ckpt["model_config"]:
@@ -190,6 +195,13 @@ def load_checkpoint(path: str | Path, expect_mixer: str | None = None, map_locat
     if vocab is not None and isinstance(rows, int) and rows < vocab:
         raise CheckpointError(f"checkpoint {path} has a vocabulary of {rows} tokens, but the tokenizer has {vocab}")
     return ckpt
+
+
+def _first_bad_record(path: Path) -> str | None:
+    """The first record of a torch.save zip whose bytes do not match their stored CRC-32, or None. torch.load does
+    not check them: a flipped bit in a tensor would load as a silently wrong weight."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
 
 
 def base_checkpoint(args, device) -> Path:

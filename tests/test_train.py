@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import struct
 
 import pytest
 import torch
@@ -62,6 +63,29 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(truncated)
     with pytest.raises(CheckpointError, match="corrupted"):
         load_checkpoint(tmp_path / "truncated.pt")
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    """torch.load does not check the zip's CRC-32s: a checkpoint with one flipped bit in a weight used to load, with
+    that weight silently changed. load_checkpoint checks them first (a config-only mmap load leaves it to the full
+    load), and the scripts turn the error into one line and status 2."""
+    import eval_niah
+    from tests.test_input_guards import fails
+    model = FastWeightLM(tiny_cfg("deltanet"))
+    with torch.no_grad():
+        model.embed.weight[3, 5] = 1234.5
+    save_checkpoint(tmp_path / "ok.pt", {"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg)})
+    data = bytearray((tmp_path / "ok.pt").read_bytes())
+    at = data.find(struct.pack("<f", 1234.5))
+    data[at] ^= 1  # 1234.5 -> 1234.500122...
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    assert torch.load(tmp_path / "flipped.pt", weights_only=True)["model"]["embed.weight"][3, 5] != 1234.5
+    with pytest.raises(CheckpointError, match=r"flipped.pt is corrupted: its record .* fails its CRC-32 check"):
+        load_checkpoint(tmp_path / "flipped.pt")
+    assert load_checkpoint(tmp_path / "ok.pt")["model"]["embed.weight"][3, 5] == 1234.5
+    assert "model_config" in load_checkpoint(tmp_path / "flipped.pt", mmap=True)  # configs only: not checked
+    err = fails(capsys, eval_niah.main, ["--ckpt", str(tmp_path / "flipped.pt"), "--out", str(tmp_path / "e.json")])
+    assert "fails its CRC-32 check" in err and not (tmp_path / "e.json").exists()
 
 
 class Killed(Exception):
