@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import compiled_error  # noqa: E402
-from refine_mini.common import load_checkpoint, make_generator, save_checkpoint  # noqa: E402
+from refine_mini.common import load_checkpoint, make_generator, pick_device, save_checkpoint  # noqa: E402
 from refine_mini.delta_rule import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
 from refine_mini.head_loss import IGNORE, head_loss, head_loss_reference  # noqa: E402
 from refine_mini.model import FastWeightLM, ModelConfig  # noqa: E402
@@ -216,16 +216,14 @@ def check_cli(device, folder: Path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Checks of a device path against references (see the docstring).")
-    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, cpu or auto")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
     p.add_argument("--cli", action="store_true", help="also run the scripts end to end on the device")
     args = p.parse_args(argv)
-    try:
-        device = str(torch.device(args.device))
-    except RuntimeError:
-        device = None
-    if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
-        print(f"error: device {args.device!r} is not available here", file=sys.stderr)
+    try:  # the scripts' own check: cpu, cuda or an index this machine has (cuda:1 on one GPU is refused here)
+        device = str(pick_device(args.device))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""))
