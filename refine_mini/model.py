@@ -37,6 +37,7 @@ from refine_mini.deltanet import DeltaNet
 from refine_mini.head_loss import head_loss, head_loss_reference
 from refine_mini.lact import LaCT
 from refine_mini.state import ModelState
+from refine_mini.tokenizer import check_token_ids
 
 
 @dataclass
@@ -261,10 +262,7 @@ class FastWeightLM(nn.Module):
         every new token but the last, which is sampled and never fed (feed it to go on)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        rows = self.embed.num_embeddings  # one check per call (a sync); on CUDA an id past the table kills the process
-        if prompt.dtype not in (torch.int32, torch.int64) or not bool(((prompt >= 0) & (prompt < rows)).all()):
-            raise ValueError(f"prompt ids must be int32 or int64 in [0, {rows}), got {prompt.dtype} ids from "
-                             f"{prompt.min().item()} to {prompt.max().item()}")
+        check_token_ids(prompt, self.embed.num_embeddings)  # once per call, not per decoded token
         logits, _, state = self(prompt, state)
         if not bool(torch.isfinite(logits[:, -1]).all()):  # once per call: greedy argmax would hide it
             raise FloatingPointError("non-finite logits after the prompt (NaN or inf weights or activations)")

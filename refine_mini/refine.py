@@ -48,6 +48,7 @@ from refine_mini.rollout import (Rollouts, document_forward, log_probs, recorded
                                  rollouts_forked, sample_rollouts)
 from refine_mini.selection import (MODES, Selection, check_document_length, pad_documents,
                                   select_positions, teacher_forced_pass)
+from refine_mini.tokenizer import check_token_ids
 from refine_mini.trainer import IGNORE, clip_and_step
 
 
@@ -103,12 +104,10 @@ def as_documents(tokens, vocab_size: int | None = None) -> list[torch.Tensor]:
     docs = list(tokens.unbind(0)) if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else list(tokens)
     if not docs or any(not isinstance(d, torch.Tensor) or d.dim() != 1 or len(d) < 2 for d in docs):
         raise ValueError("tokens must be a (B, T) tensor or a non-empty list of 1-D tensors of >= 2 tokens")
-    if any(d.dtype not in (torch.int64, torch.int32) for d in docs):  # bool ids would make bool NTP targets
+    if any(d.dtype not in (torch.int64, torch.int32) for d in docs):  # each document's (cat would promote bool)
         raise ValueError(f"tokens must be int64 or int32 ids, got {sorted({str(d.dtype) for d in docs})}")
-    if vocab_size is not None:  # out-of-range ids would fail in the embedding (on CUDA: a device-side assert)
-        lo, hi = torch.aminmax(torch.cat([d.to(docs[0].device) for d in docs]))  # host syncs once per batch
-        if not 0 <= int(lo) <= int(hi) < vocab_size:
-            raise ValueError(f"token ids must lie in [0, {vocab_size}), got ids in [{int(lo)}, {int(hi)}]")
+    if vocab_size is not None:  # one host sync per batch
+        check_token_ids(torch.cat([d.to(docs[0].device) for d in docs]), vocab_size)
     return docs
 
 

@@ -17,6 +17,7 @@ import hashlib
 from pathlib import Path
 
 import tiktoken
+import torch
 
 RANK_FILE = Path(__file__).parent / "assets" / "gpt2_8192.tiktoken"
 RANK_FILE_SHA256 = "a4bb5b7e2423eb7ae1348d7a8a1d0782035fd703205445b87bd63b891b1da5a2"
@@ -72,3 +73,15 @@ def decode(ids) -> str:
     if bad:
         raise ValueError(f"token ids must be in [0, {vocab_size()}), got {bad[:5]}")
     return get_tokenizer().decode(ids, errors="replace")
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless `ids` (any shape) are int64/int32 token ids in [0, vocab_size): bool ids would make bool NTP
+    targets, and an id past the embedding fails inside it (on CUDA: a device-side assert that ends the process).
+    One host sync (aminmax); an empty tensor passes (the caller's shape check names that)."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be int64 or int32 ids, got {ids.dtype}")
+    if ids.numel():
+        lo, hi = (int(x) for x in torch.aminmax(ids))
+        if not 0 <= lo <= hi < vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}), got ids in [{lo}, {hi}]")

@@ -138,10 +138,11 @@ def test_generate_refuses_prompt_ids_outside_the_embedding_table():
     """An id past the table is an IndexError deep in the embedding on CPU and kills the process on CUDA (a device-side
     assert); a float or bool prompt is not a row index at all. Each is one ValueError, checked once per call."""
     model = tiny("deltanet")  # vocab_size 64
-    for bad, shown in ((torch.tensor([[3, 64]]), "torch.int64 ids from 3 to 64"),
-                       (torch.tensor([[-1, 5]]), "torch.int64 ids from -1 to 5"),
-                       (torch.tensor([[1.0, 2.0]]), "torch.float32"), (torch.tensor([[True, False]]), "torch.bool")):
-        with pytest.raises(ValueError, match=r"prompt ids must be int32 or int64 in \[0, 64\), got " + shown):
+    for bad, message in ((torch.tensor([[3, 64]]), r"token ids must lie in \[0, 64\), got ids in \[3, 64\]"),
+                         (torch.tensor([[-1, 5]]), r"token ids must lie in \[0, 64\), got ids in \[-1, 5\]"),
+                         (torch.tensor([[1.0, 2.0]]), "tokens must be int64 or int32 ids, got torch.float32"),
+                         (torch.tensor([[True, False]]), "tokens must be int64 or int32 ids, got torch.bool")):
+        with pytest.raises(ValueError, match=message):
             model.generate(bad, 2, temperature=0)
     ok = torch.tensor([[0, 63]])
     assert torch.equal(model.generate(ok.int(), 2, temperature=0)[0], model.generate(ok, 2, temperature=0)[0])
